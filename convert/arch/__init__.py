@@ -1,0 +1,1 @@
+"""Architecture tables: checkpoint tensor name -> role, per model family."""

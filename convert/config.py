@@ -1,0 +1,142 @@
+"""Step-3.5 `config.json`, including the legacy hub keys and the MTP tail that transformers trims."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from convert.errors import BadInput
+
+SUPPORTED_MODEL_TYPES = ("step3p5",)
+
+
+@dataclass(frozen=True)
+class Step35Config:
+    """Structural facts of a Step-3.5 checkpoint; per-layer lists cover trunk + MTP layers."""
+
+    raw: dict
+    path: Path
+    hidden_size: int
+    vocab_size: int
+    num_trunk_layers: int
+    num_mtp_layers: int
+    intermediate_size: int
+    moe_layers: frozenset[int]
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    share_expert_dim: int
+    head_dim: int
+    num_kv_heads: int
+    heads_full: int
+    heads_sliding: int
+    layer_types: tuple[str, ...]
+    rope_theta: tuple[float, ...]
+    partial_rotary_factors: tuple[float, ...]
+    swiglu_limits: tuple[float, ...]
+    swiglu_limits_shared: tuple[float, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_trunk_layers + self.num_mtp_layers
+
+    @property
+    def mtp_layers(self) -> range:
+        return range(self.num_trunk_layers, self.num_layers)
+
+    def is_mtp(self, layer: int) -> bool:
+        return layer >= self.num_trunk_layers
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def num_heads(self, layer: int) -> int:
+        return self.heads_full if self.layer_types[layer] == "full_attention" else self.heads_sliding
+
+    def hf_text_config(self):
+        """transformers' native Step-3.5 text config (it keeps the MTP tail as `mtp_*_layer_types`)."""
+        from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig
+
+        kwargs = {k: v for k, v in self.raw.items() if k not in ("architectures", "model_type", "auto_map")}
+        return Step3p7TextConfig(**kwargs)
+
+
+def _per_layer(raw: dict, key: str, n: int, default, path: Path) -> tuple:
+    value = raw.get(key, default)
+    if not isinstance(value, list):
+        return (value,) * n
+    if len(value) < n:
+        # vLLM's MTP drafter indexes these lists at the MTP layer indices without a bounds check.
+        raise BadInput(f"{path}: '{key}' has {len(value)} entries, need {n} (trunk + MTP layers)")
+    return tuple(value[:n])
+
+
+def _parse_moe_layers(raw: dict, path: Path) -> frozenset[int]:
+    value = raw.get("moe_layers_enum")
+    if value is None:
+        return frozenset()
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return frozenset(int(x) for x in items if str(x).strip() != "")
+    except (TypeError, ValueError):
+        raise BadInput(f"{path}: 'moe_layers_enum' must be a comma-separated list of layer indices, got {value!r}")
+
+
+def parse_config(raw: dict, path: Path) -> Step35Config:
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BadInput(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        n_trunk = int(raw["num_hidden_layers"])
+        n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)
+        n = n_trunk + n_mtp
+        other = raw.get("attention_other_setting") or {}
+        moe_layers = _parse_moe_layers(raw, path)
+        if any(not 0 <= i < n_trunk for i in moe_layers):
+            raise BadInput(f"{path}: 'moe_layers_enum' names layers outside 0..{n_trunk - 1}: {sorted(moe_layers)}")
+        layer_types = raw.get("layer_types") or [
+            "full_attention" if i % 4 == 0 and i < n_trunk else "sliding_attention" for i in range(n)
+        ]
+        return Step35Config(
+            raw=raw,
+            path=path,
+            hidden_size=int(raw["hidden_size"]),
+            vocab_size=int(raw["vocab_size"]),
+            num_trunk_layers=n_trunk,
+            num_mtp_layers=n_mtp,
+            intermediate_size=int(raw["intermediate_size"]),
+            moe_layers=moe_layers,
+            num_experts=int(raw.get("moe_num_experts", 0) or 0),
+            top_k=int(raw.get("moe_top_k", 0) or 0),
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 0) or 0),
+            share_expert_dim=int(raw.get("share_expert_dim", raw.get("moe_intermediate_size", 0)) or 0),
+            head_dim=int(raw.get("head_dim", 128)),
+            num_kv_heads=int(raw["num_attention_groups"]),
+            heads_full=int(raw["num_attention_heads"]),
+            heads_sliding=int(other.get("num_attention_heads", raw["num_attention_heads"])),
+            layer_types=_per_layer({"layer_types": layer_types}, "layer_types", n, None, path),
+            rope_theta=_per_layer(raw, "rope_theta", n, 10000.0, path),
+            partial_rotary_factors=_per_layer(raw, "partial_rotary_factors", n, 1.0, path),
+            swiglu_limits=tuple(float(x or 0.0) for x in _per_layer(raw, "swiglu_limits", n, 0.0, path)),
+            swiglu_limits_shared=tuple(
+                float(x or 0.0) for x in _per_layer(raw, "swiglu_limits_shared", n, 0.0, path)
+            ),
+        )
+    except KeyError as e:
+        raise BadInput(f"{path}: missing required key {e.args[0]!r}")
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"{path}: malformed value ({e})")
+
+
+def load_config(model_dir: Path) -> Step35Config:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise BadInput(f"{path}: no config.json in the model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return parse_config(raw, path)

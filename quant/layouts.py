@@ -1,0 +1,165 @@
+"""On-disk layouts: how each scheme names and shapes its tensors, and the `quantization_config` it declares.
+
+Tensors in, (name, tensor, row) out; `row` is set when the tensor is one expert's slice of a 3-D output stack.
+Ignore lists are written for vLLM's matching: native `fp8` matches module prefixes exactly (fused shards must all
+be listed), compressed-tensors accepts names and `re:` regexes; the MTP drafter names its modules
+`model.layers.<n>.mtp_block.*`, `model.layers.<n>.eh_proj` and `model.layers.<n>.shared_head.head`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from quant.fp8 import quantize_fp8_block, quantize_fp8_channel
+from quant.nvfp4 import quantize_nvfp4, shared_global_scale
+
+Emit = tuple[str, torch.Tensor, int | None]
+
+FUSED_RUNTIME = {  # checkpoint module suffix -> vLLM's fused module suffix
+    "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+    "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
+    "share_expert.gate_proj": "share_expert.gate_up_proj", "share_expert.up_proj": "share_expert.gate_up_proj",
+}
+_LAYER_MODULE = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class KeptModule:
+    """A linear module left unquantized, as the checkpoint names it."""
+
+    module: str
+    role: str
+    mtp: bool
+
+
+def expert_module(stack_module: str, expert: int) -> str:
+    """`model.layers.L.moe.gate_proj` -> `model.layers.L.moe.experts.<e>.gate_proj` (vLLM's per-expert names)."""
+    head, proj = stack_module.rsplit(".", 1)
+    return f"{head}.experts.{expert}.{proj}"
+
+
+def runtime_names(module: str, mtp: bool) -> list[str]:
+    """The names vLLM may give a checkpoint module at run time (fused, and inside the MTP drafter)."""
+    names = [module]
+    m = _LAYER_MODULE.match(module)
+    if not m:
+        return names
+    layer, rest = m.groups()
+    fused = FUSED_RUNTIME.get(rest)
+    if fused:
+        names.append(f"{layer}.{fused}")
+    if mtp:
+        if rest == "transformer.shared_head.output":
+            names.append(f"{layer}.shared_head.head")
+        elif rest.startswith(("self_attn.", "mlp.")):
+            names += [f"{layer}.mtp_block.{r}" for r in (rest, fused) if r]
+    return list(dict.fromkeys(names))
+
+
+def _mtp_regex(mtp_layers: list[int]) -> list[str]:
+    if not mtp_layers:
+        return []
+    return [r"re:^model\.layers\.(" + "|".join(str(i) for i in sorted(mtp_layers)) + r")\..*"]
+
+
+class Fp8BlockLayout:
+    """vLLM native `fp8` (StepFun's Step-3.5-FP8 layout): E4M3 weights, F32 `weight_scale_inv` per 128x128 block,
+    routed experts kept as 3-D stacks."""
+
+    scheme = "fp8-block"
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+        for module, w in zip(modules, weights):
+            q, s = quantize_fp8_block(w)
+            yield f"{module}.weight", q, None
+            yield f"{module}.weight_scale_inv", s, None
+
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor]) -> Iterator[Emit]:
+        for module, w in zip(modules, weights):
+            q, s = quantize_fp8_block(w)
+            yield f"{module}.weight", q.unsqueeze(0), expert
+            yield f"{module}.weight_scale_inv", s.unsqueeze(0), expert
+
+    def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
+        skip = ["lm_head", "model.embed_tokens", "model.norm"]
+        for k in kept:
+            skip += runtime_names(k.module, k.mtp)
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128], "modules_to_not_convert": list(dict.fromkeys(skip))}
+
+
+class _CompressedTensorsLayout:
+    """compressed-tensors: per-expert tensors `moe.experts.<e>.<proj>.*` (the layout vLLM's Step-3.5 loader maps
+    for compressed-tensors), config groups targeting Linear with an `ignore` list."""
+
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor]) -> Iterator[Emit]:
+        yield from self.linear([expert_module(m, expert) for m in modules], weights)
+
+    def ignore(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
+        names = ["lm_head"]
+        for k in kept:
+            if not k.mtp:
+                names += runtime_names(k.module, mtp=False)
+        return list(dict.fromkeys(names)) + _mtp_regex(mtp_layers)
+
+    def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
+        from compressed_tensors import __version__ as ct_version
+
+        return {"quant_method": "compressed-tensors", "format": self.format, "quantization_status": "compressed",
+                "version": ct_version, "config_groups": {"group_0": {"format": self.format, "targets": ["Linear"],
+                                                                     **self.group}},
+                "ignore": self.ignore(kept, mtp_layers), "kv_cache_scheme": None, "global_compression_ratio": None,
+                "sparsity_config": {}, "transform_config": {}}
+
+
+class CtFp8DynamicLayout(_CompressedTensorsLayout):
+    scheme = "fp8-dynamic"
+    format = "float-quantized"
+    group = {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True,
+                    "observer": "memoryless_minmax", "group_size": None, "block_structure": None},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
+                              "symmetric": True, "observer": None},
+        "output_activations": None,
+    }
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+        for module, w in zip(modules, weights):
+            q, s = quantize_fp8_channel(w)
+            yield f"{module}.weight", q, None
+            yield f"{module}.weight_scale", s, None
+
+
+class CtNvfp4A16Layout(_CompressedTensorsLayout):
+    scheme = "nvfp4a16"
+    format = "nvfp4-pack-quantized"
+    group = {
+        "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+                    "dynamic": False, "observer": "memoryless_minmax", "scale_dtype": "torch.float8_e4m3fn",
+                    "zp_dtype": None, "block_structure": None, "actorder": None},
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+        # One global scale for the whole fused group: vLLM keeps a single one per fused parameter.
+        gs = shared_global_scale(*weights)
+        for module, w in zip(modules, weights):
+            packed, scale = quantize_nvfp4(w, gs)
+            yield f"{module}.weight_packed", packed, None
+            yield f"{module}.weight_scale", scale, None
+            yield f"{module}.weight_global_scale", gs, None
+
+
+LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtNvfp4A16Layout)}
+
+
+def layout_for(scheme: str):
+    try:
+        return LAYOUTS[scheme]()
+    except KeyError:
+        raise ValueError(f"scheme {scheme!r} has no layout (known: {sorted(LAYOUTS)})")
