@@ -1,0 +1,24 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def random_ckpt(tmp_path) -> Path:
+    """A random checkpoint with the bundled fixture's config, in two shards with an index."""
+    return write_random_checkpoint(tmp_path / "rand-step35", fixture_config(), seed=1)
+
+
+@pytest.fixture
+def real_config() -> dict:
+    return json.loads((DATA / "step35_flash_config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def bundled_fixture() -> Path:
+    return BUNDLED_FIXTURE
