@@ -44,7 +44,7 @@ class Role(StrEnum):
 EXPERT_ROLES = frozenset({Role.EXPERTS_GATE, Role.EXPERTS_UP, Role.EXPERTS_DOWN})
 LINEAR_ROLES = frozenset({
     Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_GATE, Role.MLP_GATE, Role.MLP_UP,
-    Role.MLP_DOWN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.MTP_EH_PROJ, Role.MTP_HEAD,
+    Role.MLP_DOWN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.MTP_EH_PROJ, Role.MTP_HEAD, Role.ROUTER,
     *EXPERT_ROLES,
 })
 
