@@ -55,8 +55,9 @@ gate: $(STAMP)
 publish: $(STAMP)
 	$(STEPQ) publish $(ARTIFACT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run)
 
+# Conversion figures (size, time, peak memory, per-role weight error) -> bench/results/convert_fixture.json.
 bench: $(STAMP)
-	$(STEPQ) bench
+	$(BIN)/python bench/convert_fixture.py $(MODEL)
 
 # Re-train the bundled fixture (deterministic given its seed; the result is committed).
 fixture: $(STAMP)

@@ -13,7 +13,6 @@ NOT_YET = {
     "eval": "accuracy and speed evals",
     "gate": "the publishing gate",
     "publish": "Hub publishing",
-    "bench": "performance benchmarks",
 }
 
 

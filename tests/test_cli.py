@@ -111,7 +111,7 @@ def test_recipe_file_with_unknown_keys_is_bad_input(random_ckpt, tmp_path):
     assert code == 2 and "fused with ['experts_up']" in err
 
 
-@pytest.mark.parametrize("command", ["calibrate", "eval", "gate", "publish", "bench"])
+@pytest.mark.parametrize("command", ["calibrate", "eval", "gate", "publish"])
 def test_later_stages_say_so(command):
     code, _, err = run(command)
     assert code == 2 and "not implemented yet" in err
