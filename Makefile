@@ -1,4 +1,5 @@
-# stepq: each target wraps one `stepq` command. Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN.
+# stepq: each target wraps one `stepq` command.
+# Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,6 +16,7 @@ REVISION ?=
 REPO_ID ?=
 DRY_RUN ?=
 ARTIFACT ?=
+FORCE ?=
 
 .PHONY: setup pull calibrate quant-fp8 quant-nvfp4 quant-gguf eval gate publish bench test fixture inspect clean
 
@@ -38,13 +40,13 @@ calibrate: $(STAMP)
 	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT)
 
 quant-fp8: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force)
 
 quant-nvfp4: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4a16) --out $(OUT)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4a16) --out $(OUT) $(if $(FORCE),--force)
 
 quant-gguf: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT)
+	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force)
 
 eval: $(STAMP)
 	$(STEPQ) eval $(ARTIFACT) --model $(MODEL)

@@ -59,7 +59,7 @@ class ArtifactWriter:
 
     def __enter__(self) -> ArtifactWriter:
         if self.final.exists() and not self.force:
-            raise BadInput(f"{self.final}: output already exists (pass --force to replace it)")
+            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()

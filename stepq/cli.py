@@ -47,9 +47,18 @@ def _cmd_quantize(args) -> int:
         return 2
     folder = resolve_model(args.model, args.revision)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
-                   source_id=args.model, revision=args.revision)
+                   max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision)
     print(out)
     return 0
+
+
+def _size(text: str) -> int:
+    """'5GB', '500MB', '123' -> bytes (decimal units, as the Hub counts them)."""
+    t = text.strip().upper()
+    for unit, mult in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(float(t))
 
 
 def _not_yet(name: str):
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--qtype", help="GGUF quant type (GGUF export: later)")
     s.add_argument("--force", action="store_true", help="replace an existing artifact")
+    s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.set_defaults(run=_cmd_quantize)
 
     for name in NOT_YET:

@@ -135,3 +135,14 @@ def test_all_zero_expert_quantizes_without_nan(random_ckpt, tmp_path):
         assert torch.isfinite(out[f"{prefix}.weight_global_scale"]).all()
         assert torch.isfinite(out[f"{prefix}.weight_scale"].float()).all()
         assert (out[f"{prefix}.weight_packed"] & 0x77).eq(0).all()  # every code decodes to (signed) zero
+
+
+def test_max_shard_size_splits_the_artifact(random_ckpt, tmp_path):
+    assert main(["quantize", str(random_ckpt), "--scheme", "fp8-dynamic", "--out", str(tmp_path / "o"),
+                 "--max-shard-size", "4MB"]) == 0
+    art = tmp_path / "o" / "rand-step35-FP8-DYNAMIC"
+    shards = sorted(p.name for p in art.glob("*.safetensors"))
+    assert len(shards) >= 3 and all(p.stat().st_size <= 4_000_000 + 1_000_000 for p in art.glob("*.safetensors"))
+    index = json.loads((art / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(index.values())) == shards
+    assert json.loads((art / "stepq.json").read_text())["shards"] == shards
