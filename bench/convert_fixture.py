@@ -17,15 +17,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from convert.artifact import ArtifactReader  # noqa: E402
 from convert.checkpoint import open_checkpoint  # noqa: E402
-from convert.safetensors_io import SafetensorsFile  # noqa: E402
-from quant.fp8 import dequantize_fp8_block, dequantize_fp8_channel  # noqa: E402
-from quant.nvfp4 import dequantize_nvfp4  # noqa: E402
 
 SCHEMES = ["fp8-block", "fp8-block-all", "fp8-dynamic", "nvfp4a16"]
 
@@ -63,38 +60,14 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 def role_errors(src_dir: Path, art_dir: Path) -> dict:
-    index = json.loads((art_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    files = {s: SafetensorsFile(art_dir / s) for s in set(index.values())}
-    read = lambda n: files[index[n]].read(n)  # noqa: E731
-    prov = json.loads((art_dir / "stepq.json").read_text())
-    scheme = prov["scheme"]
+    art = ArtifactReader(art_dir)
     src = open_checkpoint(src_dir)
     errs = defaultdict(list)
-    for name, d in prov["tensors"].items():
-        if d["action"] != "quantized":
-            continue
-        w = src.read(name).float()
-        info = src.tensors[name].info
-        if scheme == "fp8-block":
-            got = dequantize_fp8_block(read(f"{info.module}.weight"), read(f"{info.module}.weight_scale_inv"))
-        else:
-            parts = []
-            for m in _linear_modules(info.module, w):
-                if scheme == "fp8-dynamic":
-                    parts.append(dequantize_fp8_channel(read(f"{m}.weight"), read(f"{m}.weight_scale")))
-                else:
-                    parts.append(dequantize_nvfp4(read(f"{m}.weight_packed"), read(f"{m}.weight_scale"),
-                                                  read(f"{m}.weight_global_scale")))
-            got = torch.stack(parts) if w.ndim == 3 else parts[0]
-        errs[d["role"]].append(((got - w).norm() / w.norm()).item())
+    for name, d in art.decisions.items():
+        if d["action"] == "quantized":
+            w = src.read(name).float()
+            errs[d["role"]].append(((art.read(name) - w).norm() / w.norm()).item())
     return {r: {"max": max(v), "mean": sum(v) / len(v), "tensors": len(v)} for r, v in sorted(errs.items())}
-
-
-def _linear_modules(module: str, w: torch.Tensor) -> list[str]:
-    if w.ndim != 3:
-        return [module]
-    head, proj = module.rsplit(".", 1)
-    return [f"{head}.experts.{e}.{proj}" for e in range(w.shape[0])]
 
 
 def main() -> None:

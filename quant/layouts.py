@@ -1,6 +1,7 @@
 """On-disk layouts: how each scheme names and shapes its tensors, and the `quantization_config` it declares.
 
 Tensors in, (name, tensor, row) out; `row` is set when the tensor is one expert's slice of a 3-D output stack.
+`decode_*` invert a layout from the stored tensors (float32), for read-back and evals.
 Ignore lists are written for vLLM's matching: native `fp8` matches module prefixes exactly (fused shards must all
 be listed), compressed-tensors accepts names and `re:` regexes; the MTP drafter names its modules
 `model.layers.<n>.mtp_block.*`, `model.layers.<n>.eh_proj` and `model.layers.<n>.shared_head.head`.
@@ -9,15 +10,16 @@ be listed), compressed-tensors accepts names and `re:` regexes; the MTP drafter 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from quant.fp8 import quantize_fp8_block, quantize_fp8_channel
-from quant.nvfp4 import quantize_nvfp4, shared_global_scale
+from quant.fp8 import dequantize_fp8_block, dequantize_fp8_channel, quantize_fp8_block, quantize_fp8_channel
+from quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, shared_global_scale
 
 Emit = tuple[str, torch.Tensor, int | None]
+Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
 
 FUSED_RUNTIME = {  # checkpoint module suffix -> vLLM's fused module suffix
     "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
@@ -84,6 +86,12 @@ class Fp8BlockLayout:
             yield f"{module}.weight", q.unsqueeze(0), expert
             yield f"{module}.weight_scale_inv", s.unsqueeze(0), expert
 
+    def decode_linear(self, read: Read, module: str) -> torch.Tensor:
+        return dequantize_fp8_block(read(f"{module}.weight"), read(f"{module}.weight_scale_inv"))
+
+    def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
+        return self.decode_linear(read, module)  # the stack is stored 3-D, scales [E, rows, cols]
+
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
         skip = ["lm_head", "model.embed_tokens", "model.norm"]
         for k in kept:
@@ -98,6 +106,9 @@ class _CompressedTensorsLayout:
 
     def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor]) -> Iterator[Emit]:
         yield from self.linear([expert_module(m, expert) for m in modules], weights)
+
+    def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
+        return torch.stack([self.decode_linear(read, expert_module(module, e)) for e in range(num_experts)])
 
     def ignore(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
         names = ["lm_head"]
@@ -133,6 +144,9 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
             yield f"{module}.weight", q, None
             yield f"{module}.weight_scale", s, None
 
+    def decode_linear(self, read: Read, module: str) -> torch.Tensor:
+        return dequantize_fp8_channel(read(f"{module}.weight"), read(f"{module}.weight_scale"))
+
 
 class CtNvfp4A16Layout(_CompressedTensorsLayout):
     scheme = "nvfp4a16"
@@ -153,6 +167,10 @@ class CtNvfp4A16Layout(_CompressedTensorsLayout):
             yield f"{module}.weight_packed", packed, None
             yield f"{module}.weight_scale", scale, None
             yield f"{module}.weight_global_scale", gs, None
+
+    def decode_linear(self, read: Read, module: str) -> torch.Tensor:
+        return dequantize_nvfp4(read(f"{module}.weight_packed"), read(f"{module}.weight_scale"),
+                                read(f"{module}.weight_global_scale"))
 
 
 LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtNvfp4A16Layout)}

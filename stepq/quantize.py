@@ -201,7 +201,8 @@ def _provenance(ckpt: Checkpoint, recipe: Recipe, units: list[Unit], writer: Art
     for u in units:
         for t in u.members:
             decisions[t.info.name] = {
-                "role": t.info.label, "action": "quantized" if u.quantize else "kept",
+                "role": t.info.label, "shape": list(t.entry.shape), "dtype": t.entry.dtype,
+                "action": "quantized" if u.quantize else "kept",
                 "format": recipe.scheme if u.quantize else t.entry.dtype, "reason": u.reason,
                 "outputs": [o for o in u.outputs if o.startswith(t.info.module + ".") or o == t.info.name
                             or (u.experts and _expert_output_of(o, t.info.module))],

@@ -9,6 +9,7 @@ from compressed_tensors.compressors.naive_quantized.base import FloatQuantizatio
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationScheme
 
+from convert.artifact import ArtifactReader
 from convert.checkpoint import open_checkpoint
 from convert.hashing import file_sha256
 from stepq.cli import main
@@ -83,6 +84,7 @@ def test_every_tensor_decided_kept_bytes_identical_and_quantized_within_bounds(a
     path = artifacts[scheme]
     prov = json.loads((path / "stepq.json").read_text())
     art = _Artifact(path)
+    reader = ArtifactReader(path)  # stepq's own read-back, checked against the independent decoder below
     src = open_checkpoint(bundled_fixture)
     assert set(prov["tensors"]) == set(src.tensors)
     errors = {}
@@ -97,6 +99,7 @@ def test_every_tensor_decided_kept_bytes_identical_and_quantized_within_bounds(a
             assert d["outputs"] and all(o in art.index for o in d["outputs"])
             got = _decoded(scheme, art, t.info, w)
             assert got.shape == w.shape and torch.isfinite(got).all()
+            assert torch.equal(reader.read(name), got), name
             errors.setdefault(t.info.role, []).append(rel_err(got, w))
     assert errors, "the recipe quantized nothing"
     worst = {role: max(v) for role, v in errors.items()}
