@@ -100,3 +100,24 @@ def dequantize_fp8_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     Exact for a bf16 scale (4 x 8 significant bits); CT's decompress returns it rounded to bf16.
     """
     return q.to(torch.float32) * scale.to(torch.float32)
+
+
+def fp8_tensor_scale(amax: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Per-tensor FP8 scale `amax / 448` as `[1]` in `dtype` (compressed-tensors' FP8 preset stores weight and
+    input scales in the model dtype); zero -> `finfo(dtype).eps`, as CT replaces zero scales."""
+    scale = amax.to(dtype).reshape(1) / FP8_E4M3_MAX
+    return torch.where(scale == 0, torch.finfo(dtype).eps, scale)
+
+
+def quantize_fp8_tensor(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 codes of `w` with one per-tensor `scale` (shared by a fused group).
+
+    `w / scale` is rounded to `w.dtype` before the RNE cast, as compressed-tensors' FP8 (static) preset does;
+    a -0.0 weight becomes +0.
+    """
+    _check_weight(w)
+    return to_fp8(w / scale.to(w.dtype) + 0.0)  # + 0.0: signed zeros, see above
+
+
+def dequantize_fp8_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * scale.to(torch.float32)

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.fp8 import dequantize_fp8_block, dequantize_fp8_channel, quantize_fp8_block, quantize_fp8_channel
-from quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, shared_global_scale
+from quant.fp8 import (
+    dequantize_fp8_block, dequantize_fp8_channel, dequantize_fp8_tensor, fp8_tensor_scale, quantize_fp8_block,
+    quantize_fp8_channel, quantize_fp8_tensor,
+)
+from quant.nvfp4 import dequantize_nvfp4, global_scale, quantize_nvfp4, shared_global_scale
 
 Emit = tuple[str, torch.Tensor, int | None]
 Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
+Act = list[torch.Tensor] | None  # calibrated input absmax per module (0-dim), for schemes with static activations
 
 FUSED_RUNTIME = {  # checkpoint module suffix -> vLLM's fused module suffix
     "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
@@ -74,13 +78,13 @@ class Fp8BlockLayout:
 
     scheme = "fp8-block"
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_block(w)
             yield f"{module}.weight", q, None
             yield f"{module}.weight_scale_inv", s, None
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor]) -> Iterator[Emit]:
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_block(w)
             yield f"{module}.weight", q.unsqueeze(0), expert
@@ -104,8 +108,8 @@ class _CompressedTensorsLayout:
     """compressed-tensors: per-expert tensors `moe.experts.<e>.<proj>.*` (the layout vLLM's Step-3.5 loader maps
     for compressed-tensors), config groups targeting Linear with an `ignore` list."""
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor]) -> Iterator[Emit]:
-        yield from self.linear([expert_module(m, expert) for m in modules], weights)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+        yield from self.linear([expert_module(m, expert) for m in modules], weights, act)
 
     def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
         return torch.stack([self.decode_linear(read, expert_module(module, e)) for e in range(num_experts)])
@@ -138,7 +142,7 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_channel(w)
             yield f"{module}.weight", q, None
@@ -159,7 +163,7 @@ class CtNvfp4A16Layout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor]) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
         # One global scale for the whole fused group: vLLM keeps a single one per fused parameter.
         gs = shared_global_scale(*weights)
         for module, w in zip(modules, weights):
@@ -173,7 +177,120 @@ class CtNvfp4A16Layout(_CompressedTensorsLayout):
                                 read(f"{module}.weight_global_scale"))
 
 
-LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtNvfp4A16Layout)}
+def _group_amax(act: Act) -> torch.Tensor:
+    """One input absmax for a fused group: the members see the same input; a max is exact and safe."""
+    if not act:
+        raise ValueError("this scheme needs calibrated activation statistics (input absmax per module)")
+    return torch.stack([a.reshape(()) for a in act]).amax()
+
+
+_NVFP4_WEIGHTS = CtNvfp4A16Layout.group["weights"]
+
+
+class CtNvfp4Layout(CtNvfp4A16Layout):
+    """compressed-tensors NVFP4 W4A4: as NVFP4A16 plus a static `input_global_scale` (2688 / calibrated input
+    absmax) per linear and per expert; the per-16 activation scales are computed at run time."""
+
+    scheme = "nvfp4"
+    group = {
+        "weights": _NVFP4_WEIGHTS,
+        "input_activations": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
+                              "symmetric": True, "dynamic": "local", "observer": "static_minmax",
+                              "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": None, "block_structure": None,
+                              "actorder": None},
+        "output_activations": None,
+    }
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+        igs = global_scale(_group_amax(act))
+        for name, t, row in super().linear(modules, weights):
+            yield name, t, row
+            if name.endswith(".weight_global_scale"):
+                yield name.replace(".weight_global_scale", ".input_global_scale"), igs, None
+
+
+class CtFp8StaticLayout(_CompressedTensorsLayout):
+    """compressed-tensors FP8 static: per-tensor weight scale (tied across a fused group) and a static per-tensor
+    input scale from calibration, both in the model dtype."""
+
+    scheme = "fp8-static"
+    format = "float-quantized"
+    group = {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True,
+                    "observer": "memoryless_minmax", "group_size": None, "block_structure": None},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                              "symmetric": True, "observer": "static_minmax"},
+        "output_activations": None,
+    }
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+        dtype = weights[0].dtype
+        scale = fp8_tensor_scale(torch.stack([w.abs().amax().float() for w in weights]).amax(), dtype)
+        input_scale = fp8_tensor_scale(_group_amax(act), dtype)
+        for module, w in zip(modules, weights):
+            yield f"{module}.weight", quantize_fp8_tensor(w, scale), None
+            yield f"{module}.weight_scale", scale, None
+            yield f"{module}.input_scale", input_scale, None
+
+    def decode_linear(self, read: Read, module: str) -> torch.Tensor:
+        return dequantize_fp8_tensor(read(f"{module}.weight"), read(f"{module}.weight_scale"))
+
+
+class ModeloptNvfp4Layout:
+    """NVIDIA ModelOpt NVFP4 (`modelopt_fp4` in vLLM, native in SGLang / TensorRT-LLM): the same bytes as
+    compressed-tensors, with reciprocal scales (`weight_scale_2 = 1/weight_global_scale`, `input_scale =
+    1/input_global_scale`) and routed experts as 3-D stacks with one scale pair per expert (`[E]`)."""
+
+    scheme = "nvfp4-modelopt"
+
+    def _quantize(self, weights, act):
+        gs = shared_global_scale(*weights)
+        input_scale = 1.0 / global_scale(_group_amax(act))
+        return gs, 1.0 / gs, input_scale, [quantize_nvfp4(w, gs) for w in weights]
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act)
+        for module, (p, s) in zip(modules, packed):
+            yield f"{module}.weight", p, None
+            yield f"{module}.weight_scale", s, None
+            yield f"{module}.weight_scale_2", scale_2.reshape(()), None
+            yield f"{module}.input_scale", input_scale.reshape(()), None
+
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act)
+        for module, (p, s) in zip(modules, packed):
+            yield f"{module}.weight", p.unsqueeze(0), expert
+            yield f"{module}.weight_scale", s.unsqueeze(0), expert
+            yield f"{module}.weight_scale_2", scale_2.reshape(1), expert
+            yield f"{module}.input_scale", input_scale.reshape(1), expert
+
+    def decode_linear(self, read: Read, module: str) -> torch.Tensor:
+        return dequantize_nvfp4(read(f"{module}.weight"), read(f"{module}.weight_scale"),
+                                1.0 / read(f"{module}.weight_scale_2").float().reshape(-1))
+
+    def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
+        return self.decode_linear(read, module)  # one weight_scale_2 per expert, broadcast by dequantize_nvfp4
+
+    def exclude_modules(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
+        names = ["lm_head"] + [n for k in kept if not k.mtp for n in runtime_names(k.module, mtp=False)]
+        return list(dict.fromkeys(names)) + [f"model.layers.{i}.*" for i in sorted(mtp_layers)]
+
+    def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None,
+                "exclude_modules": self.exclude_modules(kept, mtp_layers)}
+
+    def extra_files(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict[str, dict]:
+        """ModelOpt's own `hf_quant_config.json`, which SGLang and TensorRT-LLM read."""
+        return {"hf_quant_config.json": {
+            "producer": {"name": "stepq", "version": "modelopt-compatible"},
+            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                             "exclude_modules": self.exclude_modules(kept, mtp_layers)}}}
+
+
+LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtFp8StaticLayout, CtNvfp4A16Layout,
+                                       CtNvfp4Layout, ModeloptNvfp4Layout)}
+# Schemes whose config carries static activation scales: they need calibration statistics.
+NEEDS_ACTIVATION_STATS = frozenset({"fp8-static", "nvfp4", "nvfp4-modelopt"})
 
 
 def layout_for(scheme: str):

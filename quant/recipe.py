@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMES = ("fp8-block", "fp8-dynamic", "nvfp4a16")
+SCHEMES = ("fp8-block", "fp8-dynamic", "fp8-static", "nvfp4a16", "nvfp4", "nvfp4-modelopt")
 
 # Roles an engine fuses into one parameter: they must be quantized together and, where the format has a
 # per-tensor global scale, share it (vLLM keeps one scale per fused parameter, e.g. only w1's for MoE w13).

@@ -26,7 +26,7 @@ from convert.hub import TOKENIZER_FILES
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
 import quant
-from quant.layouts import KeptModule, layout_for
+from quant.layouts import NEEDS_ACTIVATION_STATS, KeptModule, layout_for
 from quant.recipe import Recipe, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
@@ -88,8 +88,9 @@ class _Reader:
     """Checkpoint reads; with `meta=True` the same reads on the meta device: the dry run that plans every output
     shape without touching data."""
 
-    def __init__(self, ckpt: Checkpoint, meta: bool = False):
-        self.ckpt, self.meta = ckpt, meta
+    def __init__(self, ckpt: Checkpoint, meta: bool = False, stats=None):
+        self.ckpt, self.meta, self.stats = ckpt, meta, stats
+        self.fallbacks: list[dict] = []  # experts whose input scale came from their siblings
 
     def read(self, name: str) -> torch.Tensor:
         if self.meta:
@@ -99,6 +100,23 @@ class _Reader:
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
         return self.read(name)[expert] if self.meta else self.ckpt.read_expert(name, expert)
+
+    def act(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
+        """Calibrated input absmax of a module (or of one expert); None when the scheme runs without statistics."""
+        if self.stats is None:
+            return None
+        if self.meta:
+            return torch.zeros((), device="meta")
+        module = t.info.module
+        if expert is None:
+            return self.stats.input_amax(module)
+        if self.stats.tokens(module, expert) > 0:
+            return self.stats.input_amax(module, expert)
+        # No calibration token reached this expert: the largest input absmax among its siblings in this layer
+        # keeps its activations from saturating if it is routed to at run time.
+        self.fallbacks.append({"module": module, "expert": expert, "reason": "no calibration tokens; "
+                               "input scale from the max over the layer's experts"})
+        return torch.stack([self.stats.input_amax(module, e) for e in range(t.entry.shape[0])]).amax()
 
     def checked(self, t: SourceTensor, w: torch.Tensor) -> torch.Tensor:
         if not self.meta and w.is_floating_point() and not torch.isfinite(w).all():
@@ -116,14 +134,19 @@ def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | Non
     if unit.experts:
         for e in range(unit.members[0].entry.shape[0]):
             ws = [src.checked(t, src.read_expert(t.info.name, e)) for t in unit.members]
-            yield from layout.experts(modules, e, ws)
+            yield from layout.experts(modules, e, ws, _acts(src, unit, e))
     else:
         ws = [src.checked(t, src.read(t.info.name)) for t in unit.members]
-        yield from layout.linear(modules, ws)
+        yield from layout.linear(modules, ws, _acts(src, unit, None))
 
 
-def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint) -> list[OutSpec]:
-    meta = _Reader(ckpt, meta=True)
+def _acts(src: _Reader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
+    acts = [src.act(t, expert) for t in unit.members]
+    return None if acts[0] is None else acts
+
+
+def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> list[OutSpec]:
+    meta = _Reader(ckpt, meta=True, stats=stats)
     specs: dict[str, OutSpec] = {}
     for u in units:
         for name, t, row in emit(u, layout, meta):
@@ -153,21 +176,28 @@ def variant_name(recipe: Recipe) -> str:
 
 
 def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
-             max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None) -> Path:
+             max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
+             stats=None) -> Path:
+    """`stats`: calibration statistics (`calib.stats.CalibStats`), required by schemes with static activation
+    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`)."""
     t0 = time.time()
     ckpt = open_checkpoint(model)
     try:
         recipe = load_recipe(scheme, recipe_file)
         layout = layout_for(recipe.scheme)
+        if recipe.scheme in NEEDS_ACTIVATION_STATS and stats is None:
+            raise BadInput(f"--scheme {scheme}: needs calibration statistics (run `stepq calibrate` first)")
+        if recipe.scheme not in NEEDS_ACTIVATION_STATS:
+            stats = None
         units = plan_units(ckpt, recipe)
-        specs = plan_outputs(units, layout, ckpt)
+        specs = plan_outputs(units, layout, ckpt, stats)
         t_plan = time.time()
         out_dir = Path(out) / f"{Path(model).resolve().name}-{variant_name(recipe)}"
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
         total = sum(s.nbytes for s in specs)
         with ArtifactWriter(out_dir, force=force, **kwargs) as writer:
             writer.plan(specs)
-            src = _Reader(ckpt)
+            src = _Reader(ckpt, stats=stats)
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantize {recipe.name}") as bar:
                 for u in units:
                     for name, t, row in emit(u, layout, src):
@@ -180,12 +210,17 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             config = dict(ckpt.config.raw)
             config["quantization_config"] = qcfg
             writer.write_json("config.json", config)
+            for name, obj in getattr(layout, "extra_files", lambda *_: {})(kept, list(ckpt.config.mtp_layers)).items():
+                writer.write_json(name, obj)
             for name in TOKENIZER_FILES:
                 if (ckpt.dir / name).is_file():
                     writer.copy_file(ckpt.dir / name)
-            writer.write_json("stepq.json", _provenance(ckpt, recipe, units, writer, source_id or str(model),
-                                                        revision, {"plan_s": t_plan - t0,
-                                                                   "convert_s": t_convert - t_plan}))
+            prov = _provenance(ckpt, recipe, units, writer, source_id or str(model), revision,
+                               {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
+            if stats is not None:
+                prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
+                                       "activation_fallbacks": src.fallbacks}
+            writer.write_json("stepq.json", prov)
     finally:
         ckpt.close()
     return out_dir

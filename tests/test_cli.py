@@ -94,7 +94,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(random_ckpt, tmp_pat
 
 def test_unknown_scheme_and_existing_output(random_ckpt, tmp_path):
     code, _, err = run("quantize", random_ckpt, "--scheme", "int3", "--out", tmp_path)
-    assert code == 2 and "unknown (bundled recipes: fp8-block, fp8-block-all, fp8-dynamic, nvfp4a16)" in err
+    assert code == 2 and "unknown (bundled recipes: fp8-block, fp8-block-all, fp8-dynamic, fp8-static, nvfp4" in err
     assert main(["quantize", str(random_ckpt), "--scheme", "fp8-block", "--out", str(tmp_path)]) == 0
     code, _, err = run("quantize", random_ckpt, "--scheme", "fp8-block", "--out", tmp_path)
     assert code == 2 and "already exists (pass --force" in err

@@ -32,6 +32,8 @@ from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4  # noqa:
 
 from quant.constants import FP8_DTYPE  # noqa: E402
 from quant.fp8 import (  # noqa: E402
+    fp8_tensor_scale,
+    quantize_fp8_tensor,
     dequantize_fp8_block,
     dequantize_fp8_channel,
     quantize_fp8_block,
@@ -314,3 +316,30 @@ def test_fp8_block_expert_stack_vs_ct_per_expert():
         ct32 = ct_fp8(w[e].float(), "FP8_BLOCK", scale=scale_inv[e])
         assert_same_bytes(f"expert {e} weight", q[e], ct32["weight"])
     assert q.dtype == FP8_DTYPE
+
+
+def ct_fp8_static_weight(w: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """CT FP8 (static, per-tensor) weight compression; `scale` overrides the observer's (fused groups)."""
+    lin = _ct_quantized_linear(w, "FP8")
+    if scale is None:
+        scale, _ = calculate_qparams(*_observe(w.reshape(1, 1, -1)), lin.quantization_scheme.weights)
+    lin.weight_scale.data.copy_(scale)
+    return _ct_compress(lin)
+
+
+@pytest.mark.parametrize("shape", [(1280, 4096), (96, 256), (300, 200)])
+def test_fp8_tensor_identical_to_ct_fp8_static(shape):
+    w = _awkward(shape, seed=11 + sum(shape))
+    ct = ct_fp8_static_weight(w)
+    scale = fp8_tensor_scale(w.abs().amax())
+    assert_same_bytes("weight_scale", scale, ct["weight_scale"].reshape(1))
+    assert_same_bytes("weight", quantize_fp8_tensor(w, scale), ct["weight"])
+
+
+def test_fp8_tensor_fused_group_shares_the_max_scale():
+    q, k = _awkward((96, 256), seed=21), _awkward((64, 256), seed=22) * 3
+    scale = fp8_tensor_scale(torch.stack([q.abs().amax(), k.abs().amax()]).amax())
+    for w in (q, k):
+        ct = ct_fp8_static_weight(w, scale=scale.reshape(ct_fp8_static_weight(w)["weight_scale"].shape))
+        assert_same_bytes("weight", quantize_fp8_tensor(w, scale), ct["weight"])
+    assert scale.item() == fp8_tensor_scale(k.abs().amax()).item()  # the larger amax wins: nothing saturates
