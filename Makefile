@@ -37,15 +37,15 @@ inspect: $(STAMP)
 	$(STEPQ) inspect $(MODEL)
 
 calibrate: $(STAMP)
-	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT)
+	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force)
 
 quant-fp8: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
 
 quant-nvfp4: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4a16) --out $(OUT) $(if $(FORCE),--force)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
 
-quant-gguf: $(STAMP)
+quant-gguf: $(STAMP) llama-cpp
 	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force)
 
 eval: $(STAMP)
@@ -70,3 +70,76 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(OUT)
+
+# --- llama.cpp tools (GGUF export and checks) -------------------------------------------------------------------
+# Builds the llama.cpp vendored in the llama-cpp-python sdist (CPU only) into a cache outside the repo, keyed by
+# version, reused through a stamp. The cache also keeps the tree's gguf-py and converter (convert_hf_to_gguf.py,
+# conversion/) that the GGUF tests compare against. 16-22 min on 2 cores the first time, 176 MB; then instant.
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_DIR ?= $(HOME)/.cache/stepq/llama.cpp-$(LLAMA_CPP_VERSION)
+LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench llama-speculative-simple llama-completion llama-gguf-split llama-tokenize
+LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.stepq-built
+LLAMA_CPP_PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip)
+
+.PHONY: llama-cpp
+llama-cpp:
+	@mkdir -p $(LLAMA_CPP_DIR)
+	@flock $(LLAMA_CPP_DIR)/.lock $(MAKE) --no-print-directory llama-cpp-build LLAMA_CPP_DIR=$(LLAMA_CPP_DIR)
+
+# Runs under the lock; a caller that waited for another build finds everything in place and does nothing.
+# A tool added to LLAMA_CPP_TOOLS later is built incrementally (seconds) on top of the cached build.
+.PHONY: llama-cpp-build
+llama-cpp-build:
+	@if [ -f $(LLAMA_CPP_STAMP) ] && (for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t || exit 1; done); \
+	then echo "llama.cpp $(LLAMA_CPP_VERSION): tools in $(LLAMA_CPP_DIR)/src/build/bin (cached)"; exit 0; fi; \
+	set -euo pipefail; \
+	if [ ! -f $(LLAMA_CPP_DIR)/src/CMakeLists.txt ]; then \
+	  rm -rf $(LLAMA_CPP_DIR)/sdist $(LLAMA_CPP_DIR)/src.tmp; mkdir -p $(LLAMA_CPP_DIR)/sdist $(LLAMA_CPP_DIR)/src.tmp; \
+	  $(LLAMA_CPP_PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_DIR)/sdist; \
+	  tar xzf $(LLAMA_CPP_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_DIR)/src.tmp \
+	    --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp; \
+	  rm -rf $(LLAMA_CPP_DIR)/sdist; mv $(LLAMA_CPP_DIR)/src.tmp $(LLAMA_CPP_DIR)/src; \
+	fi; \
+	cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	  -DLLAMA_BUILD_UI=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF > $(LLAMA_CPP_DIR)/configure.log; \
+	cmake --build $(LLAMA_CPP_DIR)/src/build -j2 --target $(LLAMA_CPP_TOOLS); \
+	for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t; done; \
+	echo "llama-cpp-python==$(LLAMA_CPP_VERSION) built $$(date -u +%FT%TZ)" > $(LLAMA_CPP_STAMP); \
+	echo "llama.cpp tools in $(LLAMA_CPP_DIR)/src/build/bin"
+
+# vLLM conformance env (eval/vllm_conformance.py): vLLM's own loader, in a separate venv outside the repo, cached
+# by version (vLLM pins transformers/compressed-tensors differently from the project). Only what vLLM imports to
+# build Step-3.5 and load weights on CPU: torch pinned first (the CPU build; a looser pin pulls CUDA torch), the
+# vLLM wheel and compressed-tensors without their dependency trees (CUDA kernels never imported here), xgrammar
+# without triton, then the pure-Python imports. pip warns that vllm wants torch 2.14.0: not needed on this path.
+VLLM_VERSION := 0.33.0
+VLLM_ENV ?= $(HOME)/.cache/stepq/vllm-$(VLLM_VERSION)
+VLLM_STAMP := $(VLLM_ENV)/.stepq-vllm-env
+VLLM_NODEPS := vllm==$(VLLM_VERSION) compressed-tensors==0.17.0 xgrammar==0.2.8
+VLLM_DEPS := transformers==5.17.0 apache-tvm-ffi==0.1.11 regex==2026.11.15 cachetools==8.0.1 psutil==7.2.2 \
+	py-cpuinfo==9.0.0 msgspec==0.22.0 pydantic==2.14.3 cloudpickle==3.1.2 einops==0.8.2 pyzmq==27.3.0 \
+	urllib3==2.8.0 cbor2==6.3.0 aiohttp==3.14.5 requests==2.34.2 openai-harmony==0.0.8 openai==3.54.0 \
+	pillow==13.0.0 pybase64==1.5.1 uvloop==0.23.0 prometheus-client==0.26.0 fastapi==0.136.3 \
+	partial-json-parser==0.2.1.1.post7 llguidance==1.7.6 loguru==0.7.3
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	mkdir -p $(VLLM_ENV)
+	flock $(VLLM_ENV)/.lock $(MAKE) --no-print-directory vllm-env-build VLLM_ENV=$(VLLM_ENV)
+
+# Runs under the lock; a second caller that waited finds the stamp and does nothing.
+.PHONY: vllm-env-build
+vllm-env-build:
+	@if [ -f $(VLLM_STAMP) ]; then echo "vLLM $(VLLM_VERSION) env ready in $(VLLM_ENV)"; exit 0; fi; \
+	set -euo pipefail; \
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV); \
+	$(VLLM_ENV)/bin/pip install -q torch==2.13.0; \
+	$(VLLM_ENV)/bin/pip install -q --no-deps --no-warn-conflicts $(VLLM_NODEPS); \
+	$(VLLM_ENV)/bin/pip install -q --no-warn-conflicts torch==2.13.0 $(VLLM_DEPS); \
+	VLLM_TARGET_DEVICE=cpu $(VLLM_ENV)/bin/python -c \
+	  "import vllm.config, vllm.model_executor.model_loader, vllm.model_executor.models.step3p5_mtp"; \
+	echo "torch==2.13.0 $(VLLM_NODEPS) $(VLLM_DEPS)" > $(VLLM_STAMP); \
+	echo "vLLM $(VLLM_VERSION) env in $(VLLM_ENV)"

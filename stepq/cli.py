@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from convert.errors import BadInput
 
 NOT_YET = {
-    "calibrate": "layer-streamed calibration",
     "eval": "accuracy and speed evals",
     "gate": "the publishing gate",
     "publish": "Hub publishing",
@@ -37,17 +37,41 @@ def _cmd_pull(args) -> int:
     return 0
 
 
-def _cmd_quantize(args) -> int:
-    from convert.hub import resolve_model
-    from stepq.quantize import quantize
+def _calibration_settings(args) -> dict:
+    return {"dataset": args.dataset, "n": args.num_samples, "seq_len": args.seq_len, "seed": args.seed,
+            "all_experts": args.all_experts}
 
-    if args.scheme == "gguf":
-        print("stepq quantize --scheme gguf: GGUF export is not implemented yet (tracked in the GGUF issue)",
-              file=sys.stderr)
-        return 2
+
+def _cmd_calibrate(args) -> int:
+    from convert.hub import resolve_model
+    from stepq.calibrate import calibrate
+
     folder = resolve_model(args.model, args.revision)
+    print(calibrate(folder, out_root=args.out, force=args.force, **_calibration_settings(args)))
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from calib.stats import CalibStats
+    from convert.hub import resolve_model
+    from quant.layouts import NEEDS_ACTIVATION_STATS
+    from stepq.calibrate import calibrate
+    from stepq.quantize import load_recipe, quantize
+
+    folder = resolve_model(args.model, args.revision)
+    if args.scheme == "gguf":
+        from stepq.gguf import export_gguf
+
+        print(export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
+                          max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision))
+        return 0
+    stats = None
+    if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS:
+        # Reuses out/<model>-calib/stats.safetensors when source, dataset and settings match; else calibrates.
+        path = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
+        stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
-                   max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision)
+                   max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats)
     print(out)
     return 0
 
@@ -68,6 +92,17 @@ def _not_yet(name: str):
     return run
 
 
+def _add_calibration_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("calibration (schemes with static activation scales)")
+    g.add_argument("--dataset", help="local .jsonl/.json/.parquet/.txt file or folder, or a Hub dataset id "
+                                      "(default: the bundled held-out text for the fixture, ultrachat for real models)")
+    g.add_argument("--num-samples", type=int, help="N calibration sequences")
+    g.add_argument("--seq-len", type=int, help="L tokens per sequence")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--all-experts", action="store_true",
+                   help="every token also reaches every expert, for statistics only (routing stays top-k)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,16 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir")
     s.set_defaults(run=_cmd_pull)
 
+    s = sub.add_parser("calibrate", help="layer-streamed calibration -> statistics reused by every format")
+    s.add_argument("model")
+    s.add_argument("--out", default="out", help="writes OUT/<model>-calib/stats.safetensors")
+    s.add_argument("--revision")
+    s.add_argument("--force", action="store_true", help="recompute even when a matching statistics file exists")
+    _add_calibration_args(s)
+    s.set_defaults(run=_cmd_calibrate)
+
     s = sub.add_parser("quantize", help="write one quantized variant")
     s.add_argument("model")
     s.add_argument("--scheme", required=True,
-                   help="bundled recipe: fp8-block, fp8-block-all, fp8-dynamic, nvfp4a16 (gguf: later)")
+                   help="bundled recipe: fp8-block, fp8-block-all, fp8-dynamic, fp8-static, nvfp4, nvfp4a16, "
+                        "nvfp4-modelopt, gguf (with --qtype)")
     s.add_argument("--recipe", help="a YAML recipe file instead of the bundled one")
     s.add_argument("--out", default="out", help="artifacts land in OUT/<model>-<VARIANT>/")
     s.add_argument("--revision")
-    s.add_argument("--qtype", help="GGUF quant type (GGUF export: later)")
+    s.add_argument("--qtype", help="GGUF type with --scheme gguf: Q4_K_M (default), Q5_K_M, Q6_K, IQ4_XS, Q8_0, BF16, ...")
+    s.add_argument("--no-mtp", action="store_true", help="GGUF: drop the MTP layers (kept as blk.N.nextn.* by default)")
     s.add_argument("--force", action="store_true", help="replace an existing artifact")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
+    s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")
+    _add_calibration_args(s)
     s.set_defaults(run=_cmd_quantize)
 
     for name in NOT_YET:
@@ -105,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="stepq: %(message)s")
     try:
         return args.run(args)
     except BadInput as e:

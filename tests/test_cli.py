@@ -111,7 +111,7 @@ def test_recipe_file_with_unknown_keys_is_bad_input(random_ckpt, tmp_path):
     assert code == 2 and "fused with ['experts_up']" in err
 
 
-@pytest.mark.parametrize("command", ["calibrate", "eval", "gate", "publish"])
+@pytest.mark.parametrize("command", ["eval", "gate", "publish"])
 def test_later_stages_say_so(command):
     code, _, err = run(command)
     assert code == 2 and "not implemented yet" in err
@@ -146,3 +146,21 @@ def test_max_shard_size_splits_the_artifact(random_ckpt, tmp_path):
     index = json.loads((art / "model.safetensors.index.json").read_text())["weight_map"]
     assert sorted(set(index.values())) == shards
     assert json.loads((art / "stepq.json").read_text())["shards"] == shards
+
+
+def test_calibrate_then_quantize_reuses_matching_statistics(bundled_fixture, tmp_path):
+    common = ["--out", str(tmp_path), "--num-samples", "4", "--seq-len", "128"]
+    code, out, err = run("calibrate", bundled_fixture, *common)
+    assert code == 0, err
+    stats = tmp_path / f"{bundled_fixture.name}-calib" / "stats.safetensors"
+    assert out.strip() == str(stats) and stats.is_file()
+    mtime = stats.stat().st_mtime_ns
+    code, out, err = run("quantize", bundled_fixture, "--scheme", "nvfp4", *common)
+    assert code == 0, err
+    assert "reusing" in err and stats.stat().st_mtime_ns == mtime
+    prov = json.loads((tmp_path / f"{bundled_fixture.name}-NVFP4" / "stepq.json").read_text())
+    from calib.stats import CalibStats
+    assert prov["calibration"]["statistics_sha256"] == CalibStats.load(stats).sha256
+    code, _, err = run("quantize", bundled_fixture, "--scheme", "nvfp4", *common[:2], "--num-samples", "5",
+                       "--seq-len", "128", "--force")
+    assert code == 0 and "reusing" not in err and stats.stat().st_mtime_ns != mtime  # changed settings recompute

@@ -1,0 +1,299 @@
+"""Calibration data: N sequences of L tokens, sampled deterministically from a local file/folder or a Hub dataset.
+
+Rows with chat `messages` go through the model's own chat template; rows with a `text` column (or a single string
+column) and plain `.txt` files are used as they are. Documents are taken in a seeded random order, tokenized until
+twice the needed tokens are at hand, packed into one stream, and N aligned L-token windows are drawn from it with the
+same seed: the seed changes which windows are used even for a single text file, and a huge dataset is never
+tokenized whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from convert.errors import BadInput
+from convert.fixtures import BUNDLED_FIXTURE
+from convert.hashing import file_sha256
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+FIXTURE_DATA = BUNDLED_FIXTURE.parent / "tiny-step35-data" / "calib.txt"
+TXT_BLOCK_CHARS = 16_384  # .txt files are cut into blocks at line ends, so sampling and tokenizing go block-wise
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    dataset: str
+    n: int
+    seq_len: int
+
+
+# The real model: what llm-compressor and ModelOpt do for large MoE models. llm-compressor 0.14
+# (`args/dataset_arguments.py`, NVFP4 MoE examples `quantization_w4a4_fp4/qwen_30b_a3b.py`): ultrachat_200k
+# `train_sft`, chat-templated, 512 samples ("a good place to start") x MAX_SEQUENCE_LENGTH 2048; ModelOpt 0.47
+# `hf_ptq.py`: --calib_size 512; the community Step-3.5 NVFP4 (tacos4me) used 512 ultrachat x 2048 tokens.
+# 1M tokens also covers llama.cpp's imatrix (100-300K tokens). See shared/reference/eval-and-publish.md §6.
+MODEL_DEFAULTS = Defaults("HuggingFaceH4/ultrachat_200k:train_sft", 512, 2048)
+# The bundled tiny fixture: its own held-out text, 64 x 256 = 16K tokens (of ~97K), seconds on a laptop CPU.
+FIXTURE_DEFAULTS = Defaults(str(FIXTURE_DATA), 64, 256)
+
+
+def defaults_for(model_dir: str | Path) -> Defaults:
+    """Fixture defaults for the bundled tiny model (or a copy with its config.json), real-model defaults otherwise."""
+    model_dir = Path(model_dir)
+    cfg = model_dir / "config.json"
+    if model_dir.resolve() == BUNDLED_FIXTURE.resolve():
+        return FIXTURE_DEFAULTS
+    try:
+        same = json.loads(cfg.read_text()) == json.loads((BUNDLED_FIXTURE / "config.json").read_text())
+    except (OSError, ValueError):
+        same = False  # a missing or broken config.json is reported by whoever opens the checkpoint
+    return FIXTURE_DEFAULTS if same else MODEL_DEFAULTS
+
+
+def resolve_settings(model_dir, dataset: str | None, n: int | None, seq_len: int | None) -> tuple[str, int, int]:
+    d = defaults_for(model_dir)
+    dataset, n, seq_len = str(dataset) if dataset else d.dataset, n or d.n, seq_len or d.seq_len
+    if n <= 0 or seq_len <= 1:
+        raise BadInput(f"calibration needs N >= 1 sequences of L >= 2 tokens (got N={n}, L={seq_len})")
+    return dataset, n, seq_len
+
+
+# ---- dataset sources -------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """Where the rows come from: local files (hashed for provenance) or a Hub dataset id."""
+
+    id: str
+    files: list[Path] = field(default_factory=list)
+    hub_split: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return not self.files
+
+    def fingerprint(self) -> dict:
+        """id + sha256 of every file: what a statistics file records, and what `matches` compares."""
+        if self.is_hub:
+            return {"id": self.id, "kind": "hub", "split": self.hub_split, "files": {}, "sha256": None}
+        root = self.files[0].parent if len(self.files) == 1 else Path(self.id)
+        files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in self.files}
+        combined = hashlib.sha256(json.dumps(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
+        return {"id": self.id, "kind": "local", "files": files, "sha256": combined}
+
+
+def open_source(dataset: str) -> Source:
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise BadInput(f"{path}: unsupported dataset file type {path.suffix or '(none)'!r} "
+                           f"(use {', '.join(SUFFIXES)} or a Hub dataset id)")
+        return Source(str(path), [path])
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise BadInput(f"{path}: dataset folder holds no {', '.join(SUFFIXES)} files")
+        return Source(str(path), files)
+    if _HUB_ID.match(dataset) and not dataset.endswith(SUFFIXES):
+        repo, _, split = dataset.partition(":")
+        return Source(dataset, hub_split=split or None)
+    raise BadInput(f"{dataset}: dataset not found (neither a local file/folder nor a Hub dataset id org/name[:split])")
+
+
+# ---- documents ---------------------------------------------------------------------------------------------------
+# A document is ("text", str, separated) or ("chat", messages); text rows are joined with EOS, .txt blocks are not.
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise BadInput(f"{path}: binary file, not text (NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start})")
+
+
+def _txt_blocks(path: Path) -> list[tuple]:
+    text = _read_text(path)
+    blocks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + TXT_BLOCK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        blocks.append(("text", text[start:end], False))
+        start = end
+    return blocks
+
+
+def _json_rows(path: Path) -> list:
+    text = _read_text(path)
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            obj = None  # JSON Lines saved as .json: parsed below
+        if isinstance(obj, list):
+            return obj
+        if isinstance(obj, dict):
+            lists = [v for v in obj.values() if isinstance(v, list)]
+            if len(lists) == 1:  # {"data": [...]}, as `datasets` and many exports write it
+                return lists[0]
+            raise BadInput(f"{path}: JSON object without a single list of rows")
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}: line {i}: not valid JSON ({e.msg})")
+    return rows
+
+
+def _parquet_rows(path: Path) -> list:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PAR1":
+            raise BadInput(f"{path}: not a parquet file (no PAR1 magic)")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInput(f"{path}: reading parquet needs pyarrow (pip install pyarrow)")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise BadInput(f"{path}: unreadable parquet ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+
+
+def row_docs(rows, where: str) -> list[tuple]:
+    """Rows -> documents: `messages` -> chat; `text` (or the only string column) -> text."""
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        raise BadInput(f"{where}: no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise BadInput(f"{where}: rows must be JSON objects (with `messages` or a `text` column)")
+    if all("messages" in r for r in rows):
+        for i, r in enumerate(rows):
+            m = r["messages"]
+            if not (isinstance(m, list) and m and all(isinstance(x, dict) and "role" in x and "content" in x
+                                                       for x in m)):
+                raise BadInput(f"{where}: row {i}: `messages` must be a list of {{role, content}} objects")
+        return [("chat", r["messages"]) for r in rows]
+    if all(isinstance(r.get("text"), str) for r in rows):
+        column = "text"
+    else:
+        strings = [k for k, v in rows[0].items() if isinstance(v, str)]
+        if len(strings) != 1 or not all(isinstance(r.get(strings[0]), str) for r in rows):
+            cols = ", ".join(rows[0]) or "none"
+            raise BadInput(f"{where}: no usable text column (need `messages`, `text` or exactly one string column; "
+                           f"columns: {cols})")
+        column = strings[0]
+    return [("text", r[column], True) for r in rows if r[column].strip()]
+
+
+def local_docs(source: Source) -> list[tuple]:
+    docs = []
+    for path in source.files:
+        if path.suffix == ".txt":
+            docs += _txt_blocks(path)
+        else:
+            docs += row_docs(_parquet_rows(path) if path.suffix == ".parquet" else _json_rows(path), str(path))
+    if not docs:
+        raise BadInput(f"{source.id}: dataset is empty")
+    return docs
+
+
+class _HubRows:
+    """Hub dataset rows through `datasets` (never used by tests; needs network or the HF cache)."""
+
+    def __init__(self, source: Source, seed: int):
+        try:
+            import datasets
+        except ImportError:
+            raise BadInput(f"{source.id}: Hub datasets need the `datasets` package (pip install datasets)")
+        repo = source.id.split(":")[0]
+        try:
+            ds = datasets.load_dataset(repo, split=source.hub_split) if source.hub_split else datasets.load_dataset(repo)
+        except Exception as e:  # network, auth, unknown split: one line naming the dataset
+            raise BadInput(f"{source.id}: cannot load Hub dataset ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+        if len(ds) == 0:
+            raise BadInput(f"{source.id}: dataset is empty")
+        self.ds, self.where = ds.shuffle(seed=seed), source.id
+
+    def __iter__(self) -> Iterator[tuple]:
+        for start in range(0, len(self.ds), 256):
+            yield from row_docs(self.ds.select(range(start, min(start + 256, len(self.ds)))).to_list(), self.where)
+
+
+# ---- tokenizer and sampling -----------------------------------------------------------------------------------
+
+def load_tokenizer(model_dir: str | Path):
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise BadInput(f"{model_dir}: no tokenizer in the model folder ({' / '.join(TOKENIZER_FILES[:2])} missing)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError/OSError/... for broken tokenizer files
+        raise BadInput(f"{model_dir / 'tokenizer.json'}: cannot load the tokenizer ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0]})")
+
+
+@dataclass
+class CalibData:
+    ids: torch.Tensor  # [N, L] int64
+    dataset: dict      # Source.fingerprint()
+    n: int
+    seq_len: int
+    seed: int
+    tokens_drawn_from: int  # size of the packed stream the windows were drawn from
+
+
+def _encode(tok, doc: tuple, where: str) -> list[int]:
+    if doc[0] == "chat":
+        if not tok.chat_template:
+            raise BadInput(f"{where}: rows have chat `messages` but the model folder has no chat template "
+                           f"(tokenizer_config.json chat_template / chat_template.jinja)")
+        text = tok.apply_chat_template(doc[1], tokenize=False)  # the template writes BOS and turn markers itself
+    else:
+        text = doc[1]
+    ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    if doc[0] == "text" and doc[2] and tok.eos_token_id is not None:
+        ids.append(tok.eos_token_id)  # document boundary between packed text rows
+    return ids
+
+
+def load_calibration(model_dir: str | Path, dataset: str | None = None, n: int | None = None,
+                     seq_len: int | None = None, seed: int = 0) -> CalibData:
+    dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
+    source = open_source(dataset)
+    tok = load_tokenizer(model_dir)
+    rng = random.Random(seed)
+    if source.is_hub:
+        docs: Iterator[tuple] = iter(_HubRows(source, seed))  # already shuffled with the seed
+    else:
+        local = local_docs(source)
+        rng.shuffle(local)
+        docs = iter(local)
+    need, budget = n * seq_len, 2 * n * seq_len
+    stream: list[int] = []
+    for doc in docs:
+        stream += _encode(tok, doc, source.id)
+        if len(stream) >= budget:
+            break
+    if len(stream) < need:
+        raise BadInput(f"{source.id}: {len(stream)} tokens, not enough for N x L = {n} x {seq_len} = {need}")
+    windows = sorted(rng.sample(range(len(stream) // seq_len), n))
+    flat = torch.tensor(stream[: (len(stream) // seq_len) * seq_len], dtype=torch.long).view(-1, seq_len)
+    return CalibData(flat[windows].contiguous(), source.fingerprint(), n, seq_len, seed, len(stream))

@@ -1,0 +1,228 @@
+"""Reference forward of a Step-3.5 checkpoint (trunk + MTP head) in transformers' Step3p7 classes.
+
+Whole model in memory: meant for the tiny fixture and for oracle checks, not for the real 199B model.
+The trunk is transformers' `Step3p7TextModel`; the MTP layers, which transformers' loader never builds
+(`_keys_to_ignore_on_load_unexpected`), are built here from its `Step3p7DecoderLayer`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig
+from transformers.models.step3p7.modeling_step3p7 import (
+    Step3p7DecoderLayer,
+    Step3p7RMSNorm,
+    Step3p7TextModel,
+)
+
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "transformer.shared_head.")
+
+
+def text_config(cfg: dict, with_mtp: bool = False) -> Step3p7TextConfig:
+    """`Step3p7TextConfig` from a legacy hub config dict.
+
+    with_mtp=True counts the MTP layers as ordinary layers, so per-layer lists (`layer_types`, head counts via
+    `per_layer_config`, `swiglu_limits*`, dense/MoE) are indexed by the real layer id (45.. on the real model).
+    transformers' own `get_mtp_config()` restarts indexing at 0 and drops `per_layer_config`, which would give
+    the MTP layers the full-attention head count instead of the sliding one.
+    """
+    kw = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    if with_mtp:
+        kw["num_hidden_layers"] = cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0)
+        kw["num_nextn_predict_layers"] = 0
+    config = Step3p7TextConfig(**kw)
+    config._attn_implementation = "sdpa"  # bool masks below; eager would need additive float masks
+    return config
+
+
+class MtpLayer(nn.Module):
+    """One MTP depth: h' = eh_proj([enorm(embed(tok)), hnorm(h_prev)]) -> decoder layer; logits via shared_head."""
+
+    def __init__(self, config: Step3p7TextConfig, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = Step3p7RMSNorm(h, eps=eps)
+        self.hnorm = Step3p7RMSNorm(h, eps=eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.mtp_block = Step3p7DecoderLayer(config, layer_idx)
+        # Checkpoint nesting `transformer.shared_head.{norm,output}` kept as module names.
+        self.transformer = nn.Module()
+        self.transformer.shared_head = nn.Module()
+        self.transformer.shared_head.norm = Step3p7RMSNorm(h, eps=eps)
+        self.transformer.shared_head.output = nn.Linear(h, config.vocab_size, bias=False)
+
+    def forward(self, embeds, prev_hidden, mask, rope, position_ids):
+        x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(prev_hidden)], dim=-1))
+        return self.mtp_block(x, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
+
+    def logits(self, hidden):
+        head = self.transformer.shared_head
+        return head.output(head.norm(hidden))
+
+
+class ReferenceModel(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        self.config = text_config(cfg)
+        self.model = Step3p7TextModel(self.config)
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        n, k = cfg["num_hidden_layers"], cfg.get("num_nextn_predict_layers", 0)
+        mtp_config = text_config(cfg, with_mtp=True)
+        for i in range(n, n + k):
+            # MTP layers reuse the trunk's sliding-attention RoPE table; refuse configs where that would be wrong.
+            assert mtp_config.layer_types[i] == "sliding_attention", f"MTP layer {i} is not sliding attention"
+            for key in ("rope_theta", "partial_rotary_factors"):
+                vals = cfg.get(key)
+                if isinstance(vals, list):
+                    first_swa = cfg["layer_types"].index("sliding_attention")
+                    assert vals[i] == vals[first_swa], f"{key}[{i}] differs from the trunk's sliding layers"
+        self.mtp = nn.ModuleList(MtpLayer(mtp_config, i) for i in range(n, n + k))
+        # None disables the window (tests use this to show it matters).
+        self.sliding_window = self.config.sliding_window
+
+    # ---- masks and positions -------------------------------------------------------------------------------
+    def _masks(self, t: int, device) -> dict:
+        """Causal masks per layer type, True = attend. A sliding layer sees the last `sliding_window` keys incl. itself."""
+        q = torch.arange(t, device=device)[:, None]
+        kv = torch.arange(t, device=device)[None, :]
+        causal = kv <= q
+        sliding = causal & (q - kv < self.sliding_window) if self.sliding_window else causal
+        return {"full_attention": causal[None, None], "sliding_attention": sliding[None, None]}
+
+    def _rope(self, x, t: int):
+        pos = torch.arange(t, device=x.device)[None]
+        return pos, {lt: self.model.rotary_emb(x, pos, lt) for lt in set(self.config.layer_types)}
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def trunk(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Hidden state after the last trunk layer, before `model.norm`."""
+        x = self.model.embed_tokens(input_ids)
+        t = input_ids.shape[1]
+        masks = self._masks(t, x.device)
+        pos, rope = self._rope(x, t)
+        for layer, lt in zip(self.model.layers, self.config.layer_types):
+            x = layer(x, attention_mask=masks[lt], position_embeddings=rope[lt], position_ids=pos)
+        return x
+
+    def forward(self, input_ids: torch.LongTensor):
+        """-> (logits [B,T,V], hidden [B,T,H]); hidden is the pre-`model.norm` trunk output that feeds MTP depth 1."""
+        hidden = self.trunk(input_ids)
+        return self.lm_head(self.model.norm(hidden)), hidden
+
+    def mtp_from_hidden(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher-forced MTP logits: depth k at position t sees tokens <= t+k and predicts token t+1+k."""
+        t = input_ids.shape[1]
+        masks = self._masks(t, hidden.device)
+        pos, rope = self._rope(hidden, t)
+        swa = masks["sliding_attention"]
+        rope_swa = rope["sliding_attention"]
+        out, h = [], hidden
+        for k, layer in enumerate(self.mtp, start=1):
+            n = t - k
+            # vLLM step3p5_mtp.py + v1/spec_decode/step3p5.py: depth 1 gets Step3p5Model.forward's output (model.norm is
+            # applied only in compute_logits), depth k>1 gets the previous MTP layer's mtp_block output (pre shared_head.norm).
+            h = layer(
+                self.model.embed_tokens(input_ids[:, k:]),
+                h[:, :n],
+                swa[..., :n, :n],
+                (rope_swa[0][:, :n], rope_swa[1][:, :n]),
+                pos[:, :n],
+            )
+            out.append(layer.logits(h))
+        return out
+
+    def forward_with_mtp(self, input_ids: torch.LongTensor):
+        """One trunk pass -> (logits, hidden, [mtp logits per depth])."""
+        logits, hidden = self(input_ids)
+        return logits, hidden, self.mtp_from_hidden(input_ids, hidden)
+
+    def mtp_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
+        """-> [logits [B,T-k,V] for k = 1..num_nextn_predict_layers]."""
+        return self.mtp_from_hidden(input_ids, self.trunk(input_ids))
+
+    # ---- checkpoint naming ---------------------------------------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters under the real Step-3.5 checkpoint names (3-D experts split back into gate/up)."""
+        return to_checkpoint_names(self.state_dict(), self.cfg)
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(from_checkpoint_names(tensors, self.cfg), strict=True)
+
+
+def from_checkpoint_names(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> ReferenceModel names (transformers' conversion_mapping entry for step3p7, plus MTP)."""
+    n = cfg["num_hidden_layers"]
+    out, gate_up = {}, {}
+    for name, w in tensors.items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if m is None:  # model.embed_tokens, model.norm, lm_head
+            out[name] = w
+            continue
+        i, rest = int(m[1]), m[2]
+        if i >= n:  # MTP layer: its own modules stay, the decoder layer sits under mtp_block (as in vLLM)
+            prefix = f"mtp.{i - n}."
+            out[prefix + (rest if rest.startswith(_MTP_OWN) else "mtp_block." + rest)] = w
+            continue
+        prefix = f"model.layers.{i}."
+        if rest in ("moe.gate_proj.weight", "moe.up_proj.weight"):
+            gate_up.setdefault(i, {})[rest.split(".")[1]] = w
+        elif rest == "moe.down_proj.weight":
+            out[prefix + "mlp.experts.down_proj"] = w
+        elif rest == "moe.gate.weight":
+            out[prefix + "mlp.gate.weight"] = w
+        elif rest == "moe.router_bias":
+            out[prefix + "mlp.gate.e_score_correction_bias"] = w
+        elif rest.startswith("share_expert."):
+            out[prefix + "mlp.shared_experts." + rest[len("share_expert."):]] = w
+        else:
+            out[prefix + rest] = w
+    for i, parts in gate_up.items():  # fused [E, 2*I, H]: gate rows first, then up
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
+    return out
+
+
+def to_checkpoint_names(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Inverse of `from_checkpoint_names`."""
+    n = cfg["num_hidden_layers"]
+    out = {}
+    for name, w in state.items():
+        if m := re.match(r"mtp\.(\d+)\.(.*)", name):
+            out[f"model.layers.{n + int(m[1])}.{m[2].removeprefix('mtp_block.')}"] = w
+            continue
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|gate\.e_score_correction_bias|experts\..*|shared_experts\..*)$", name)
+        if m is None:
+            out[name] = w
+            continue
+        prefix, rest = f"model.layers.{m[1]}.", m[2]
+        if rest == "experts.gate_up_proj":
+            gate, up = w.chunk(2, dim=1)
+            out[prefix + "moe.gate_proj.weight"], out[prefix + "moe.up_proj.weight"] = gate, up
+        elif rest == "experts.down_proj":
+            out[prefix + "moe.down_proj.weight"] = w
+        elif rest == "gate.weight":
+            out[prefix + "moe.gate.weight"] = w
+        elif rest == "gate.e_score_correction_bias":
+            out[prefix + "moe.router_bias"] = w
+        else:
+            out[prefix + "share_expert." + rest[len("shared_experts."):]] = w
+    return out
+
+
+def load_reference(model_dir, dtype: torch.dtype = torch.float32) -> ReferenceModel:
+    """Build the reference model from `config.json` + every `*.safetensors` in `model_dir` (strict load)."""
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tensors = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    with torch.device("cpu"):
+        model = ReferenceModel(cfg)
+    model.load_checkpoint_tensors(tensors)
+    return model.to(dtype).eval()

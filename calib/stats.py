@@ -1,0 +1,301 @@
+"""Calibration statistics, collected once and reused by every format: per-linear and per-expert input absmax
+(per tensor and per input channel), per-channel sums of squares with token counts (llama.cpp imatrix), expert load.
+
+`StatsCollector` is the observer of `calib.stream.stream_forward`: forward pre-hooks on the layer's linears and router
+record their inputs. transformers' fused experts run every expert in one module, so a pre-hook on it takes the real
+top-k routing the layer is about to use and measures each expert's inputs itself: gate/up see the routed tokens,
+down sees their clamped-SwiGLU activation (transformers' own `_apply_gate`). The layer then computes its real output.
+
+`CalibStats` reads the stored `stats.safetensors` (tensors keyed by checkpoint module names, settings and provenance
+as JSON in the safetensors metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
+
+from calib.data import open_source, resolve_settings
+from calib.reference import to_checkpoint_names
+from convert.config import Step35Config
+from convert.errors import BadInput
+from convert.hashing import file_sha256
+
+FORMAT_VERSION = 1
+META_KEY = "stepq_calibration"
+CHEAP_HASH_BYTES = 256 << 20  # shards up to this size are hashed for the source fingerprint; larger: size + mtime
+
+
+# ---- collection ----------------------------------------------------------------------------------------------------
+
+def _reduce(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """[..., in] -> per-channel absmax (f32), sum of squares (f64), token count. Squares are summed in f32 per call
+    (one micro-batch: pairwise summation keeps that exact enough) and accumulated in f64 across calls."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    if x.shape[0] == 0:
+        return torch.zeros(x.shape[-1]), torch.zeros(x.shape[-1], dtype=torch.float64), 0
+    return x.abs().amax(0), x.square().sum(0).double(), x.shape[0]
+
+
+class _Acc:
+    """Running statistics of one module (`experts=None`) or of an expert stack (leading expert dim)."""
+
+    def __init__(self, in_features: int, experts: int | None = None):
+        lead = () if experts is None else (experts,)
+        self.amax = torch.zeros(*lead, in_features)
+        self.sumsq = torch.zeros(*lead, in_features, dtype=torch.float64)
+        self.tokens = torch.zeros(lead, dtype=torch.int64)
+
+    def add(self, reduced, expert: int | None = None) -> None:
+        amax, sumsq, n = reduced
+        if n == 0:
+            return
+        i = ... if expert is None else expert
+        torch.maximum(self.amax[i], amax, out=self.amax[i])
+        self.sumsq[i] += sumsq
+        self.tokens[i] += n
+
+    def tensors(self, module: str) -> dict[str, torch.Tensor]:
+        return {f"{module}.input_amax": self.amax.amax(-1), f"{module}.input_channel_amax": self.amax.clone(),
+                f"{module}.input_sumsq": self.sumsq.float(), f"{module}.tokens": self.tokens.clone()}
+
+
+class StatsCollector:
+    """Observer for `stream_forward`. all_experts=True also sends every token through every expert for statistics
+    (the layer output still uses the real top-k routing; `expert_load` always counts the real routing)."""
+
+    def __init__(self, config: Step35Config, all_experts: bool = False):
+        self.config, self.all_experts = config, all_experts
+        self.acc: dict[str, _Acc] = {}
+        self.load: dict[int, torch.Tensor] = {}
+        self._hooks: list = []
+        self._last: tuple[torch.Tensor, tuple] | None = None
+
+    def module_name(self, ref_name: str) -> str:
+        """ReferenceModel module name -> checkpoint module name (`mlp.shared_experts.x` -> `share_expert.x`, ...)."""
+        (name,) = to_checkpoint_names({ref_name + ".weight": None}, self.config.raw)
+        return name.removesuffix(".weight")
+
+    def _reduced(self, x: torch.Tensor):
+        # q/k/v/g_proj (and dense gate/up) get the very same input tensor: reduce it once.
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, _reduce(x))
+        return self._last[1]
+
+    def _record(self, name: str, x: torch.Tensor, expert: int | None = None, reduced=None) -> None:
+        self.acc[name].add(reduced if reduced is not None else _reduce(x), expert)
+
+    def attach(self, module: nn.Module, prefix: str, layer: int) -> None:
+        for path, m in module.named_modules():
+            if path.endswith("shared_head.output"):
+                continue  # the stream reports MTP head inputs via head_input, logits or not
+            if isinstance(m, (nn.Linear, Step3p7TopKRouter)):
+                name = self.module_name(prefix + path)
+                self.acc.setdefault(name, _Acc(m.in_features if isinstance(m, nn.Linear) else m.hidden_dim))
+                self._hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args, name=name: self.acc[name].add(self._reduced(args[0]))))
+            elif isinstance(m, Step3p7Experts):
+                base = f"model.layers.{layer}.moe."
+                e, h, i = m.num_experts, m.hidden_dim, m.intermediate_dim
+                for proj, width in (("gate_proj", h), ("up_proj", h), ("down_proj", i)):
+                    self.acc.setdefault(base + proj, _Acc(width, e))
+                self.load.setdefault(layer, torch.zeros(e, dtype=torch.int64))
+                self._hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args, layer=layer: self._experts(layer, mod, args[0], args[1])))
+
+    def _experts(self, layer: int, experts: Step3p7Experts, x: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        base = f"model.layers.{layer}.moe."
+        self.load[layer] += torch.bincount(top_k_index.flatten(), minlength=experts.num_experts)
+        full = _reduce(x) if self.all_experts else None
+        for e in range(experts.num_experts):
+            if self.all_experts:
+                xe, red = x, full
+            else:
+                tok = (top_k_index == e).any(-1).nonzero().squeeze(-1)  # top-k picks distinct experts per token
+                if tok.numel() == 0:
+                    continue
+                xe = x[tok]
+                red = _reduce(xe)
+            self._record(base + "gate_proj", xe, e, red)
+            self._record(base + "up_proj", xe, e, red)
+            act = experts._apply_gate(F.linear(xe, experts.gate_up_proj[e]))  # clamped SwiGLU = down_proj input
+            self._record(base + "down_proj", act, e)
+
+    def detach(self, layer: int) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._last = None
+
+    def head_input(self, module: str, x: torch.Tensor) -> None:
+        name = self.module_name(module)
+        self.acc.setdefault(name, _Acc(x.shape[-1]))
+        self._record(name, x)
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """-> (tensors for stats.safetensors, summary for the metadata)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, acc in sorted(self.acc.items()):
+            tensors.update(acc.tensors(name))
+        without, never = {}, {}
+        for layer, load in sorted(self.load.items()):
+            tensors[f"model.layers.{layer}.moe.expert_load"] = load.clone()
+            seen = self.acc[f"model.layers.{layer}.moe.gate_proj"].tokens
+            without[str(layer)] = [int(e) for e in (seen == 0).nonzero().flatten()]
+            never[str(layer)] = [int(e) for e in (load == 0).nonzero().flatten()]
+        return tensors, {"experts_without_tokens": without, "experts_never_routed": never}
+
+
+# ---- provenance ------------------------------------------------------------------------------------------------------
+
+def _shard_identity(path: Path) -> dict:
+    st = path.stat()
+    cheap = st.st_size <= CHEAP_HASH_BYTES or (path.is_symlink() and path.resolve().parent.name == "blobs")
+    return {"size": st.st_size, "sha256": file_sha256(path)} if cheap else {"size": st.st_size,
+                                                                              "mtime_ns": st.st_mtime_ns}
+
+
+def model_fingerprint(model_dir: str | Path) -> dict:
+    """Source identity: config.json sha256 and every shard's size (+ sha256 when cheap: small or a Hub cache blob,
+    else mtime), so retrained weights of the same shapes do not reuse stale statistics."""
+    model_dir = Path(model_dir)
+    cfg = model_dir / "config.json"
+    return {"path": str(model_dir.resolve()), "config_sha256": file_sha256(cfg) if cfg.is_file() else None,
+            "shards": {p.name: _shard_identity(p) for p in sorted(model_dir.glob("*.safetensors"))}}
+
+
+# ---- the store -------------------------------------------------------------------------------------------------------
+
+def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Atomic: temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+class _LazyTensors:
+    """Tensors of a statistics file read on first access (the real model's file is ~1 GB; a quantize run needs
+    mostly the 0-dim and [E] absmax entries)."""
+
+    def __init__(self, f):
+        self._f, self._cache = f, {}
+        self._keys = set(f.keys())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = self._f.get_tensor(key)
+        return self._cache[key]
+
+    def keys(self):
+        return sorted(self._keys)
+
+
+class CalibStats:
+    """A loaded `stats.safetensors`. Module names are checkpoint module paths (the tensor name without `.weight`),
+    e.g. `model.layers.0.self_attn.q_proj`; expert stacks (`model.layers.2.moe.down_proj`) take `expert=e`."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict):
+        self.path, self.tensors, self.meta = path, tensors, meta
+        self._sha256: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibStats:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"{path}: statistics file not found (run `stepq calibrate`)")
+        try:
+            f = safe_open(path, "pt")
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            tensors = _LazyTensors(f)
+        except (KeyError, json.JSONDecodeError):
+            raise BadInput(f"{path}: not a stepq statistics file (no {META_KEY} metadata)")
+        except Exception as e:  # safetensors raises its own error types for a corrupt header
+            raise BadInput(f"{path}: unreadable statistics file ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise BadInput(f"{path}: statistics format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        return cls(path, tensors, meta)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def _get(self, module: str, what: str, expert: int | None) -> torch.Tensor:
+        key = f"{module}.{what}"
+        if key not in self.tensors:
+            raise BadInput(f"{self.path}: no statistics for module {module}")
+        t = self.tensors[key]
+        stacked = t.dim() == (1 if what in ("input_amax", "tokens") else 2)
+        if expert is None:
+            # a stack asked for as a whole: the max (or sum) over its experts
+            return (t.sum(0) if what in ("tokens", "input_sumsq") else t.amax(0)) if stacked else t
+        if not stacked or not 0 <= expert < t.shape[0]:
+            raise BadInput(f"{self.path}: module {module} has no expert {expert} statistics")
+        return t[expert]
+
+    def modules(self) -> list[str]:
+        return sorted(k.removesuffix(".input_amax") for k in self.tensors.keys() if k.endswith(".input_amax"))
+
+    def input_amax(self, module: str, expert: int | None = None) -> torch.Tensor:
+        return self._get(module, "input_amax", expert).float()
+
+    def channel_amax(self, module: str, expert: int | None = None) -> torch.Tensor:
+        return self._get(module, "input_channel_amax", expert)
+
+    def channel_sumsq(self, module: str, expert: int | None = None) -> torch.Tensor:
+        return self._get(module, "input_sumsq", expert)
+
+    def tokens(self, module: str, expert: int | None = None) -> int:
+        return int(self._get(module, "tokens", expert))
+
+    def expert_load(self, layer: int) -> torch.Tensor:
+        key = f"model.layers.{layer}.moe.expert_load"
+        if key not in self.tensors:
+            raise BadInput(f"{self.path}: no expert load for layer {layer} (not a MoE layer?)")
+        return self.tensors[key]
+
+    def experts_without_tokens(self, layer: int) -> list[int]:
+        return list(self.meta["experts_without_tokens"].get(str(layer), []))
+
+    def matches(self, model_dir, dataset: str | None, n: int | None, seq_len: int | None, seed: int,
+                all_experts: bool) -> bool:
+        """True when this file was computed from the same source weights, dataset contents and settings (defaults
+        resolved as `stepq calibrate` resolves them), so a quantize run can reuse it."""
+        try:
+            dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
+            ds = open_source(dataset).fingerprint()
+        except BadInput:
+            return False
+        m, mine = self.meta, model_fingerprint(model_dir)
+        src, d = m.get("source", {}), m.get("dataset", {})
+        same_data = (ds["sha256"] == d.get("sha256")) if ds["kind"] == "local" else (
+            d.get("kind") == "hub" and ds["id"] == d.get("id"))
+        return (same_data and src.get("config_sha256") == mine["config_sha256"]
+                and src.get("shards") == mine["shards"] and (m.get("n"), m.get("seq_len"), m.get("seed"),
+                                                             m.get("all_experts")) == (n, seq_len, seed, all_experts))

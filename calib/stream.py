@@ -1,0 +1,267 @@
+"""Layer-streamed forward: one decoder layer in memory at a time, all calibration activations through it.
+
+Each layer is transformers' `Step3p7DecoderLayer` (or `calib.reference.MtpLayer` for the MTP head) built on the
+meta device and given the checkpoint's tensors with `load_state_dict(assign=True)`, named by
+`calib.reference.from_checkpoint_names`; masks and RoPE follow `calib.reference.ReferenceModel`. Activations live
+in RAM below `spill_bytes` and in a numpy memmap in a temp dir above it. An observer (calib.stats) sees each layer
+while it runs; logits are only computed when asked for (the golden test), never during calibration.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers.models.step3p7.modeling_step3p7 import (
+    Step3p7DecoderLayer,
+    Step3p7RMSNorm,
+    Step3p7RotaryEmbedding,
+)
+
+from calib.reference import MtpLayer, from_checkpoint_names, text_config
+from convert.checkpoint import Checkpoint
+from convert.errors import BadInput
+
+SPILL_BYTES = 4 << 30           # activations above this go to disk
+MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored raw
+
+
+class Observer(Protocol):
+    """Statistics hooks: `attach` before a layer runs (names are ReferenceModel parameter prefixes such as
+    `model.layers.3.` or `mtp.0.`), `detach` after; `head_input` for lm_head / shared_head.output inputs."""
+
+    def attach(self, module: nn.Module, prefix: str, layer: int) -> None: ...
+    def detach(self, layer: int) -> None: ...
+    def head_input(self, module: str, x: torch.Tensor) -> None: ...
+
+
+class Activations:
+    """[N, T, H] activations: a tensor in RAM, or a numpy memmap in a private temp dir when larger than `spill`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, spill_bytes: int, tmp_dir: str | None = None):
+        self.shape, self.dtype = shape, dtype
+        nbytes = prod(shape) * dtype.itemsize
+        self.dir = None
+        if nbytes > spill_bytes:
+            self.dir = Path(tempfile.mkdtemp(prefix="stepq-act-", dir=tmp_dir))
+            self._mm = np.memmap(self.dir / "act.bin", dtype=_NP_DTYPES[dtype], mode="w+", shape=shape)
+            self._t = None
+        else:
+            self._t = torch.empty(shape, dtype=dtype)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.dir is not None
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if self._t is not None:
+            return self._t[idx]
+        return torch.from_numpy(np.array(self._mm[idx])).view(self.dtype)  # a copy: memmap pages stay evictable
+
+    def __setitem__(self, idx, value: torch.Tensor) -> None:
+        value = value.detach().to(self.dtype)
+        if self._t is not None:
+            self._t[idx] = value
+        else:
+            raw = value.view(torch.uint16) if self.dtype == torch.bfloat16 else value
+            self._mm[idx] = raw.contiguous().numpy()
+
+    def tensor(self) -> torch.Tensor:
+        return self._t if self._t is not None else self[:]
+
+    def close(self) -> None:
+        if self.dir is not None:
+            del self._mm
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self._t = None
+
+
+@dataclass
+class StreamResult:
+    hidden: torch.Tensor | None = None          # trunk output before model.norm [N, L, H] (keep_outputs only)
+    logits: torch.Tensor | None = None          # [N, L, V]
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [N, L-k, V]
+    spilled: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+def masks(t: int, sliding_window: int | None) -> dict[str, torch.Tensor]:
+    """As ReferenceModel._masks: bool, True = attend; a sliding layer sees the last `sliding_window` keys."""
+    q = torch.arange(t)[:, None]
+    kv = torch.arange(t)[None, :]
+    causal = kv <= q
+    sliding = causal & (q - kv < sliding_window) if sliding_window else causal
+    return {"full_attention": causal[None, None], "sliding_attention": sliding[None, None]}
+
+
+def _layer_tensors(ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This layer's checkpoint tensors under ReferenceModel names, in the compute dtype (router kept fp32)."""
+    names = [n for n, t in ckpt.tensors.items() if t.info.layer == layer]
+    mapped = from_checkpoint_names({n: ckpt.read(n) for n in names}, ckpt.config.raw)
+    out = {}
+    for name, w in mapped.items():
+        fp32 = name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))  # engines route in fp32
+        out[name] = w.to(torch.float32 if fp32 else dtype)
+    return out
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def build_layer(ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """One decoder layer (trunk) or MtpLayer (MTP head) with its checkpoint weights; -> (module, name prefix)."""
+    cfg = ckpt.config
+    tensors = _layer_tensors(ckpt, layer, dtype)
+    if cfg.is_mtp(layer):
+        prefix = f"mtp.{layer - cfg.num_trunk_layers}."
+        with torch.device("meta"):
+            module = MtpLayer(text_config(cfg.raw, with_mtp=True), layer)
+    else:
+        prefix = f"model.layers.{layer}."
+        with torch.device("meta"):
+            module = Step3p7DecoderLayer(text_config(cfg.raw), layer)
+    module.load_state_dict(_strip(tensors, prefix), strict=True, assign=True)
+    return module.eval(), prefix
+
+
+def _check_mtp_rope(cfg) -> None:
+    """MTP layers run with the trunk's sliding-attention RoPE table (as in ReferenceModel): refuse configs where
+    that would be wrong."""
+    if not cfg.mtp_layers:
+        return
+    first_swa = cfg.layer_types.index("sliding_attention")
+    for i in cfg.mtp_layers:
+        if cfg.layer_types[i] != "sliding_attention" or (cfg.rope_theta[i], cfg.partial_rotary_factors[i]) != (
+                cfg.rope_theta[first_swa], cfg.partial_rotary_factors[first_swa]):
+            raise BadInput(f"{cfg.path}: MTP layer {i} is not a sliding-attention layer with the trunk's sliding RoPE "
+                           f"(layer_types / rope_theta / partial_rotary_factors)")
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not enabled,
+                        dynamic_ncols=True)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+@torch.inference_mode()
+def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | None = None, *,
+                   keep_outputs: bool = False, dtype: torch.dtype = torch.float32,
+                   spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int = MICRO_BATCH_TOKENS,
+                   tmp_dir: str | None = None, progress: bool = True) -> StreamResult:
+    """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer in memory at a time.
+
+    keep_outputs=True also returns the trunk hidden state, the final logits and the MTP logits (tests)."""
+    cfg = ckpt.config
+    _check_mtp_rope(cfg)
+    n_seq, seq_len = ids.shape
+    h_dim = cfg.hidden_size
+    bsz = max(1, micro_batch_tokens // seq_len)
+    res = StreamResult()
+    trunk_config = text_config(cfg.raw)
+    rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table, as the reference does
+    pos = torch.arange(seq_len)[None]
+    dummy = torch.empty(0, dtype=dtype)
+    rope = {lt: rotary(dummy, pos, lt) for lt in set(trunk_config.layer_types)}
+    mask = masks(seq_len, trunk_config.sliding_window)
+    embed = ckpt.read("model.embed_tokens.weight")
+    t_start = time.time()
+
+    def new(t: int) -> Activations:
+        a = Activations((n_seq, t, h_dim), dtype, spill_bytes, tmp_dir)
+        res.spilled |= a.on_disk
+        return a
+
+    x = new(seq_len)
+    for b in range(0, n_seq, bsz):
+        x[b:b + bsz] = F.embedding(ids[b:b + bsz], embed).to(dtype)
+    res.timings["embed_s"] = time.time() - t_start
+
+    total_layers = cfg.num_layers
+    for i in range(cfg.num_trunk_layers):
+        t0 = time.time()
+        layer, prefix = build_layer(ckpt, i, dtype)
+        lt = trunk_config.layer_types[i]
+        if observer:
+            observer.attach(layer, prefix, i)
+        y = new(seq_len)
+        with _Progress(n_seq * seq_len, f"calib layer {i + 1}/{total_layers}", progress) as bar:
+            for b in range(0, n_seq, bsz):
+                y[b:b + bsz] = layer(x[b:b + bsz], attention_mask=mask[lt], position_embeddings=rope[lt],
+                                     position_ids=pos)
+                bar.update(min(bsz, n_seq - b) * seq_len)
+        if observer:
+            observer.detach(i)
+        del layer
+        x.close()
+        x = y
+        res.timings[f"layer_{i}_s"] = time.time() - t0
+
+    # Final norm + lm_head: the head input is recorded; logits only when asked for.
+    t0 = time.time()
+    norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
+    norm.weight = nn.Parameter(ckpt.read("model.norm.weight").to(dtype), requires_grad=False)
+    lm_head = ckpt.read("lm_head.weight").to(dtype) if keep_outputs else None
+    logits = []
+    for b in range(0, n_seq, bsz):
+        h = norm(x[b:b + bsz])
+        if observer:
+            observer.head_input("lm_head", h)
+        if lm_head is not None:
+            logits.append(F.linear(h, lm_head))
+    if keep_outputs:
+        res.hidden, res.logits = x.tensor().clone(), torch.cat(logits)
+    res.timings["lm_head_s"] = time.time() - t0
+
+    # MTP depth k at position t sees tokens <= t+k: input = previous hidden[:, :L-k] and embed(ids[:, k:]).
+    rope_swa, swa = rope["sliding_attention"], mask["sliding_attention"]
+    for k, i in enumerate(cfg.mtp_layers, start=1):
+        t0 = time.time()
+        layer, prefix = build_layer(ckpt, i, dtype)
+        if observer:
+            observer.attach(layer, prefix, i)
+        t = seq_len - k
+        y, mtp_logits = new(t), []
+        with _Progress(n_seq * t, f"calib layer {i + 1}/{total_layers} (MTP {k})", progress) as bar:
+            for b in range(0, n_seq, bsz):
+                e = F.embedding(ids[b:b + bsz, k:], embed).to(dtype)
+                out = layer(e, x[b:b + bsz, :t], swa[..., :t, :t], (rope_swa[0][:, :t], rope_swa[1][:, :t]),
+                            pos[:, :t])
+                y[b:b + bsz] = out
+                head = layer.transformer.shared_head
+                if observer or keep_outputs:
+                    h = head.norm(out)
+                    if observer:
+                        observer.head_input(f"{prefix}transformer.shared_head.output", h)
+                    if keep_outputs:
+                        mtp_logits.append(head.output(h))
+                bar.update(min(bsz, n_seq - b) * t)
+        if observer:
+            observer.detach(i)
+        if keep_outputs:
+            res.mtp_logits.append(torch.cat(mtp_logits))
+        del layer
+        x.close()
+        x = y
+        res.timings[f"layer_{i}_s"] = time.time() - t0
+    x.close()
+    res.timings["stream_s"] = time.time() - t_start
+    return res

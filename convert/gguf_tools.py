@@ -1,0 +1,64 @@
+"""The llama.cpp tools stepq drives (`llama-quantize`, `llama-gguf-split`, ...), built by `make llama-cpp` from the
+llama.cpp vendored in the llama-cpp-python sdist into a cache outside the repository.
+
+Location: `$LLAMA_CPP_DIR` (same variable as the Makefile), default `~/.cache/stepq/llama.cpp-<version>`; the
+tree is `<dir>/src` (with its `gguf-py` and converter), binaries in `<dir>/src/build/bin`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from convert.errors import BadInput
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # vendors ggml-org/llama.cpp@0c1e57098; keep in step with the Makefile
+STAMP = ".stepq-built"
+
+
+def llama_cpp_dir() -> Path:
+    env = os.environ.get("LLAMA_CPP_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "stepq" / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def llama_cpp_tree() -> Path:
+    return llama_cpp_dir() / "src"
+
+
+def tool(name: str) -> Path:
+    d = llama_cpp_dir()
+    path = d / "src" / "build" / "bin" / name
+    if not (d / STAMP).is_file() or not path.is_file():
+        raise BadInput(f"{path}: llama.cpp tools are not built; run `make llama-cpp` (about 16 min on 2 cores, "
+                       f"cached in {d}; LLAMA_CPP_DIR= moves the cache)")
+    return path
+
+
+def run(name: str, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; a non-zero exit raises with the tail of its output."""
+    cmd = [str(tool(name)), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+    if p.returncode != 0:
+        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"{name} failed (exit {p.returncode}): {' '.join(cmd)}\n{tail}")
+    return p
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str, extra_args: list[str], threads: int | None = None):
+    return run("llama-quantize", [*extra_args, src, dst, qtype, threads or os.cpu_count() or 1])
+
+
+def gguf_split(src: Path, out_prefix: Path, max_bytes: int) -> list[Path]:
+    """Split `src` into `<out_prefix>-0000i-of-0000N.gguf` of at most `max_bytes` (whole MB, llama.cpp's unit);
+    returns the shards (just `src` renamed to `<out_prefix>.gguf` when it already fits)."""
+    if src.stat().st_size <= max_bytes:
+        dst = out_prefix.with_name(out_prefix.name + ".gguf")
+        src.rename(dst)
+        return [dst]
+    mb = max(1, max_bytes // 1000**2)
+    run("llama-gguf-split", ["--split", "--split-max-size", f"{mb}M", src, out_prefix])
+    src.unlink()
+    return sorted(out_prefix.parent.glob(f"{out_prefix.name}-*-of-*.gguf"))

@@ -1,0 +1,184 @@
+"""GGUF variants for llama.cpp: `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
+
+Top to bottom: open + validate the checkpoint -> pick the recipe -> BF16/F16/Q8_0: stream the checkpoint into the
+GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF, run `llama-quantize`
+with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's type as read back
+from the written files) -> atomic rename of the folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import gguf
+
+from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.errors import BadInput
+from convert.gguf_export import GGUFExport, write_gguf
+from convert.gguf_names import PlannedTensor
+from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, recipe_for, supported_qtypes
+from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
+from convert.hashing import file_sha256
+from convert.writer import _fsync
+
+DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
+LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
+
+
+def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str) -> Path:
+    return Path(out_root) / f"{Path(model_dir).resolve().name}-GGUF-{qtype.upper()}"
+
+
+def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_M", mtp: bool = True,
+                force: bool = False, *, max_shard_bytes: int | None = None, source_id: str | None = None,
+                revision: str | None = None) -> Path:
+    """Write the GGUF variant `qtype` of the checkpoint in `model_dir`; returns `out_root/<model>-GGUF-<QTYPE>`.
+
+    `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`). Files above `max_shard_bytes` (default 45 GB) are
+    split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools (`make llama-cpp`).
+    """
+    t0 = time.time()
+    qtype = qtype.upper()
+    if qtype not in DIRECT_TYPES:
+        recipe_for(qtype)  # unknown / imatrix-only types fail before anything is opened
+    ckpt = open_checkpoint(model_dir)
+    try:
+        recipe = None
+        if qtype not in DIRECT_TYPES:
+            recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else ())
+            tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
+        out_dir = variant_dir(model_dir, out_root, qtype)
+        stem = f"{Path(model_dir).resolve().name}-{qtype}"
+        split = max_shard_bytes or DEFAULT_SPLIT_BYTES
+        timings = {}
+        with _AtomicDir(out_dir, force) as tmp:
+            if recipe is None:
+                exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split)
+                files = exp.files
+                timings["convert_s"] = time.time() - t0
+            else:
+                inter = tmp / ".intermediate-BF16.gguf"
+                exp = write_gguf(ckpt, inter, "BF16", mtp)
+                timings["convert_s"] = time.time() - t0
+                quantized = tmp / ".quantized.gguf"
+                t1 = time.time()
+                llama_quantize(inter, quantized, qtype, recipe.llama_quantize_args())
+                inter.unlink()
+                files = gguf_split(quantized, tmp / stem, split)
+                timings["llama_quantize_s"] = time.time() - t1
+            prov = _provenance(ckpt, exp, recipe, qtype, files, source_id or str(model_dir), revision, timings)
+            (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
+    finally:
+        ckpt.close()
+    return out_dir
+
+
+class _AtomicDir:
+    """Build a folder under a hidden temporary name; publish it by rename only when complete (fsynced)."""
+
+    def __init__(self, final: Path, force: bool):
+        self.final, self.force = Path(final), force
+        self.tmp = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        if self.final.exists() and not self.force:
+            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            for p in self.tmp.iterdir():
+                _fsync(p)
+            _fsync(self.tmp)
+            old = None
+            if self.final.exists():
+                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+                self.final.rename(old)
+            self.tmp.rename(self.final)
+            _fsync(self.final.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def read_tensor_types(files: list[Path]) -> dict[str, str]:
+    """GGUF tensor name -> GGML type name, read back from the written file(s)."""
+    out = {}
+    for f in files:
+        for t in gguf.GGUFReader(f).tensors:
+            out[t.name] = t.tensor_type.name
+    return out
+
+
+def _reason(p: PlannedTensor, actual: str, requested: str, recipe: GGUFRecipe | None) -> str:
+    if actual == "F32" and requested in ("F32",):
+        if p.source is None:
+            return "generated (llama3 rope factors), F32"
+        if "norm" in p.role:
+            return "norm stored as 1 + w (zero-centred RMSNorm), F32"
+        return "router / selection bias / 1-D: llama.cpp keeps these F32"
+    if actual != requested:
+        return f"{requested} requested; row length {p.shape[-1]} fits no {requested} block, fallback to {actual}"
+    if recipe is None:
+        return "export type"
+    if p.mtp:
+        return "MTP head at higher precision than routed experts"
+    if p.role.startswith("experts_"):
+        return "routed experts: lowest precision of the mix" + (" (+1 step for down)" if p.role == "experts_down" else "")
+    if p.role in ("embed", "lm_head"):
+        return "embeddings / output at the always-active precision"
+    return "always-active tensor (attention, shared expert, dense MLP) at higher precision"
+
+
+def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
+                source: str, revision: str | None, timings: dict) -> dict:
+    src_files = {}
+    for name in [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"]:
+        p = ckpt.dir / name
+        if p.is_file():
+            src_files[name] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    actual = read_tensor_types(files)
+    tensors = {}
+    for p in exp.tensors:
+        requested = p.qtype.name if recipe is None or p.qtype.name == "F32" else recipe.intended_type(p.role, p.mtp)
+        tensors[p.name] = {
+            "source": p.source, "role": p.role, "layer": p.layer, "mtp": p.mtp, "shape": list(p.shape),
+            "type": actual[p.name], "requested": requested, "reason": _reason(p, actual[p.name], requested, recipe),
+        }
+    return {
+        "format_version": 1,
+        "source": {"model": source, "revision": revision, "path": str(ckpt.dir.resolve()), "files": src_files},
+        "scheme": "gguf", "variant": f"GGUF-{qtype}", "qtype": qtype, "mtp": exp.mtp,
+        "mtp_layers": list(ckpt.config.mtp_layers) if exp.mtp else [],
+        "recipe": recipe.to_dict() if recipe else {"qtype": qtype, "tool": "gguf-py (identical to llama.cpp's "
+                                                                          "convert_hf_to_gguf.py)"},
+        "supported_qtypes": supported_qtypes(),
+        "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files},
+        "tokenizer": exp.tokenizer,
+        "tensors": tensors,
+        "versions": {"stepq": _version("stepq"), "gguf": _version("gguf"), "torch": _version("torch"),
+                     "llama_cpp_python_sdist": LLAMA_CPP_PYTHON_VERSION, "llama_cpp": LLAMA_CPP_COMMIT},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

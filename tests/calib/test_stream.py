@@ -1,0 +1,117 @@
+"""Golden test: the layer-streamed forward equals the whole-model reference (trunk logits and every MTP depth),
+with activations in RAM and on disk; one layer in memory at a time; lm_head read only when logits are asked for."""
+
+import gc
+import shutil
+import weakref
+
+import pytest
+import torch
+
+import calib.stream as stream
+from calib.data import load_calibration
+from calib.reference import load_reference
+from calib.stream import Activations, stream_forward
+from convert.checkpoint import open_checkpoint
+from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
+
+ATOL = 1e-4
+N, L = 6, 160  # L > sliding window (64): the sliding mask matters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fixture_dir(tmp_path_factory):
+    """The trained fixture once its weights are there; until then a random checkpoint with the same config."""
+    if (BUNDLED_FIXTURE / "model.safetensors").is_file():
+        return BUNDLED_FIXTURE
+    d = write_random_checkpoint(tmp_path_factory.mktemp("rand") / "tiny-step35", fixture_config(), seed=3)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        shutil.copy(BUNDLED_FIXTURE / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return fixture_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ids(model_dir):
+    return load_calibration(model_dir, n=N, seq_len=L).ids
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, ids):
+    model = load_reference(model_dir)
+    with torch.no_grad():
+        logits, hidden, mtp = model.forward_with_mtp(ids)
+    return logits, hidden, mtp
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_golden_vs_reference(model_dir, ids, reference, on_disk, tmp_path):
+    ckpt = open_checkpoint(model_dir)
+    try:
+        res = stream_forward(ckpt, ids, keep_outputs=True, spill_bytes=0 if on_disk else 1 << 40,
+                             micro_batch_tokens=4 * L, tmp_dir=str(tmp_path), progress=False)  # batches of 4 + 2
+    finally:
+        ckpt.close()
+    assert res.spilled is on_disk
+    assert list(tmp_path.iterdir()) == []  # spilled activations are deleted
+    logits, hidden, mtp = reference
+    torch.testing.assert_close(res.hidden, hidden, atol=ATOL, rtol=0)
+    torch.testing.assert_close(res.logits, logits, atol=ATOL, rtol=0)
+    assert len(res.mtp_logits) == len(mtp) == fixture_config()["num_nextn_predict_layers"]
+    for k, (got, want) in enumerate(zip(res.mtp_logits, mtp), start=1):
+        assert got.shape == (N, L - k, logits.shape[-1])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_one_layer_at_a_time_and_no_lm_head_read(model_dir, ids, monkeypatch):
+    built, reads = [], []
+    orig_build = stream.build_layer
+
+    def build(ckpt, layer, dtype):
+        gc.collect()
+        assert all(ref() is None for ref in built), "a previous layer is still alive"
+        module, prefix = orig_build(ckpt, layer, dtype)
+        built.append(weakref.ref(module))
+        return module, prefix
+
+    monkeypatch.setattr(stream, "build_layer", build)
+    ckpt = open_checkpoint(model_dir)
+    orig_read = ckpt.read
+    ckpt.read = lambda name: reads.append(name) or orig_read(name)
+    try:
+        res = stream_forward(ckpt, ids[:2, :80], progress=False)
+    finally:
+        ckpt.close()
+    cfg = ckpt.config
+    assert len(built) == cfg.num_layers
+    assert res.logits is None and res.mtp_logits == []
+    assert "lm_head.weight" not in reads and "model.embed_tokens.weight" in reads
+    assert all(reads.count(n) == 1 for n in reads if n.startswith("model.layers."))  # each tensor read once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_disk_roundtrip(tmp_path, dtype):
+    x = torch.randn(3, 5, 7).to(dtype)
+    a = Activations(x.shape, dtype, spill_bytes=0, tmp_dir=str(tmp_path))
+    assert a.on_disk and len(list(tmp_path.iterdir())) == 1
+    a[0:2] = x[0:2]
+    a[2:3, :4] = x[2:3, :4]
+    a[2:3, 4:] = x[2:3, 4:]
+    assert torch.equal(a[:], x) and a[1:2, 2:].dtype == dtype
+    a.close()
+    assert list(tmp_path.iterdir()) == []
+    b = Activations(x.shape, dtype, spill_bytes=1 << 30)
+    b[:] = x
+    assert not b.on_disk and torch.equal(b.tensor(), x)
