@@ -36,7 +36,7 @@ class OutSpec:
         return prod(self.shape) * self.dtype.itemsize
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -44,12 +44,51 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class AtomicDir:
+    """Build a folder under a hidden `.<name>.partial-<pid>` name; publish it by rename only when complete and
+    fsynced. An existing folder is replaced only with `force`, and stays until its replacement is complete."""
+
+    def __init__(self, final_dir: str | Path, force: bool = False):
+        self.final, self.force = Path(final_dir), force
+        self.tmp = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        if self.final.exists() and not self.force:
+            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self.publish()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+    def publish(self) -> None:
+        for p in self.tmp.iterdir():
+            fsync_path(p)
+        fsync_path(self.tmp)
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            self.final.rename(old)
+        self.tmp.rename(self.final)
+        fsync_path(self.final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 class ArtifactWriter:
     def __init__(self, final_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False):
-        self.final = Path(final_dir)
-        self.tmp = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+        self._dir = AtomicDir(final_dir, force)
+        self.final, self.tmp = self._dir.final, self._dir.tmp
         self.max_shard_bytes = max_shard_bytes
-        self.force = force
         self._specs: list[OutSpec] = []
         self._shard_names: list[str] = []
         self._weight_map: dict[str, str] = {}
@@ -58,25 +97,25 @@ class ArtifactWriter:
         self._written: dict[str, int] = {}
 
     def __enter__(self) -> ArtifactWriter:
-        if self.final.exists() and not self.force:
-            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        self._dir.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = []
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self._finish()
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._abort()
+                self._dir.__exit__(type(e), e, e.__traceback__)
+                raise
+        else:
+            self._abort()
+        self._dir.__exit__(exc_type, exc, tb)
+
+    def _abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     # -- planning ---------------------------------------------------------------------------------------
     def plan(self, specs: list[OutSpec]) -> None:
@@ -161,14 +200,3 @@ class ArtifactWriter:
                 raise ValueError(f"tensor {s.name}: {self._written[s.name]} of {s.nbytes} planned bytes written")
         total = sum(s.nbytes for s in self._specs)
         self.write_json(INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": self._weight_map})
-        for p in self.tmp.iterdir():
-            _fsync(p)
-        _fsync(self.tmp)
-        old = None
-        if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            self.final.rename(old)
-        self.tmp.rename(self.final)
-        _fsync(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import gguf
 
 from convert.checkpoint import Checkpoint, open_checkpoint
-from convert.errors import BadInput
 from convert.gguf_export import GGUFExport, write_gguf
 from convert.gguf_names import PlannedTensor
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import file_sha256
-from convert.writer import _fsync
+from convert.writer import AtomicDir
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
@@ -57,7 +54,7 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
         stem = f"{Path(model_dir).resolve().name}-{qtype}"
         split = max_shard_bytes or DEFAULT_SPLIT_BYTES
         timings = {}
-        with _AtomicDir(out_dir, force) as tmp:
+        with AtomicDir(out_dir, force) as tmp:
             if recipe is None:
                 exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split)
                 files = exp.files
@@ -77,42 +74,6 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
     finally:
         ckpt.close()
     return out_dir
-
-
-class _AtomicDir:
-    """Build a folder under a hidden temporary name; publish it by rename only when complete (fsynced)."""
-
-    def __init__(self, final: Path, force: bool):
-        self.final, self.force = Path(final), force
-        self.tmp = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        if self.final.exists() and not self.force:
-            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            for p in self.tmp.iterdir():
-                _fsync(p)
-            _fsync(self.tmp)
-            old = None
-            if self.final.exists():
-                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-                self.final.rename(old)
-            self.tmp.rename(self.final)
-            _fsync(self.final.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
 
 
 def read_tensor_types(files: list[Path]) -> dict[str, str]:

@@ -7,7 +7,6 @@ Top to bottom: open + validate the source -> load the recipe -> group tensors in
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Iterator
