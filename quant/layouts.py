@@ -20,6 +20,7 @@ from quant.fp8 import (
     quantize_fp8_channel, quantize_fp8_tensor,
 )
 from quant.nvfp4 import dequantize_nvfp4, global_scale, quantize_nvfp4, shared_global_scale
+from quant.nvfp4_search import quantize_nvfp4_search
 
 Emit = tuple[str, torch.Tensor, int | None]
 Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
@@ -72,19 +73,40 @@ def _mtp_regex(mtp_layers: list[int]) -> list[str]:
     return [r"re:^model\.layers\.(" + "|".join(str(i) for i in sorted(mtp_layers)) + r")\..*"]
 
 
-class Fp8BlockLayout:
+METHODS = ("rtn", "search")
+
+
+class _Layout:
+    """`method`: "rtn" (round to nearest, bit-identical to compressed-tensors) or "search" (NVFP4 only: group
+    scales searched against calibration importance, see quant.nvfp4_search)."""
+
+    supports_search = False
+
+    def __init__(self, method: str = "rtn"):
+        if method not in METHODS or (method == "search" and not self.supports_search):
+            raise ValueError(f"--method {method}: not available for {self.scheme} (methods: "
+                             f"{'rtn, search' if self.supports_search else 'rtn'})")
+        self.method = method
+
+    def _nvfp4(self, weights: list[torch.Tensor], gs: torch.Tensor, importance: Act):
+        if self.method == "search":
+            return [quantize_nvfp4_search(w, gs, imp) for w, imp in zip(weights, importance or [None] * len(weights))]
+        return [quantize_nvfp4(w, gs) for w in weights]
+
+
+class Fp8BlockLayout(_Layout):
     """vLLM native `fp8` (StepFun's Step-3.5-FP8 layout): E4M3 weights, F32 `weight_scale_inv` per 128x128 block,
     routed experts kept as 3-D stacks."""
 
     scheme = "fp8-block"
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_block(w)
             yield f"{module}.weight", q, None
             yield f"{module}.weight_scale_inv", s, None
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_block(w)
             yield f"{module}.weight", q.unsqueeze(0), expert
@@ -104,15 +126,26 @@ class Fp8BlockLayout:
                 "weight_block_size": [128, 128], "modules_to_not_convert": list(dict.fromkeys(skip))}
 
 
-class _CompressedTensorsLayout:
+class _CompressedTensorsLayout(_Layout):
     """compressed-tensors: per-expert tensors `moe.experts.<e>.<proj>.*` (the layout vLLM's Step-3.5 loader maps
     for compressed-tensors), config groups targeting Linear with an `ignore` list."""
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
-        yield from self.linear([expert_module(m, expert) for m in modules], weights, act)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
+        yield from self.linear([expert_module(m, expert) for m in modules], weights, act, importance)
 
     def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
         return torch.stack([self.decode_linear(read, expert_module(module, e)) for e in range(num_experts)])
+
+    def extra_tensors(self, mtp_layers: list[int]) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Neutral kv-cache scales for the MTP layers' attention. vLLM 0.33.0 gives every attention of a
+        compressed-tensors model `{q,k,v}_scale` / `_zero_point` parameters, and its Step-3.5 MTP loader treats
+        them as required (the trunk's loader does not), so without these the drafter refuses to load.
+        1.0 / 0.0 are the values vLLM initialises them to."""
+        why = "vLLM step3p5_mtp requires MTP attention kv-cache scales for compressed-tensors (neutral values)"
+        for n in mtp_layers:
+            for k in "qkv":
+                yield f"model.layers.{n}.self_attn.attn.{k}_scale", torch.ones(1), why
+                yield f"model.layers.{n}.self_attn.attn.{k}_zero_point", torch.zeros(1), why
 
     def ignore(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
         names = ["lm_head"]
@@ -142,7 +175,7 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         for module, w in zip(modules, weights):
             q, s = quantize_fp8_channel(w)
             yield f"{module}.weight", q, None
@@ -154,6 +187,7 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
 
 class CtNvfp4A16Layout(_CompressedTensorsLayout):
     scheme = "nvfp4a16"
+    supports_search = True
     format = "nvfp4-pack-quantized"
     group = {
         "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
@@ -163,11 +197,10 @@ class CtNvfp4A16Layout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         # One global scale for the whole fused group: vLLM keeps a single one per fused parameter.
         gs = shared_global_scale(*weights)
-        for module, w in zip(modules, weights):
-            packed, scale = quantize_nvfp4(w, gs)
+        for module, (packed, scale) in zip(modules, self._nvfp4(weights, gs, importance)):
             yield f"{module}.weight_packed", packed, None
             yield f"{module}.weight_scale", scale, None
             yield f"{module}.weight_global_scale", gs, None
@@ -201,9 +234,9 @@ class CtNvfp4Layout(CtNvfp4A16Layout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         igs = global_scale(_group_amax(act))
-        for name, t, row in super().linear(modules, weights):
+        for name, t, row in super().linear(modules, weights, None, importance):
             yield name, t, row
             if name.endswith(".weight_global_scale"):
                 yield name.replace(".weight_global_scale", ".input_global_scale"), igs, None
@@ -223,7 +256,7 @@ class CtFp8StaticLayout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         dtype = weights[0].dtype
         scale = fp8_tensor_scale(torch.stack([w.abs().amax().float() for w in weights]).amax(), dtype)
         input_scale = fp8_tensor_scale(_group_amax(act), dtype)
@@ -236,28 +269,29 @@ class CtFp8StaticLayout(_CompressedTensorsLayout):
         return dequantize_fp8_tensor(read(f"{module}.weight"), read(f"{module}.weight_scale"))
 
 
-class ModeloptNvfp4Layout:
+class ModeloptNvfp4Layout(_Layout):
     """NVIDIA ModelOpt NVFP4 (`modelopt_fp4` in vLLM, native in SGLang / TensorRT-LLM): the same bytes as
     compressed-tensors, with reciprocal scales (`weight_scale_2 = 1/weight_global_scale`, `input_scale =
     1/input_global_scale`) and routed experts as 3-D stacks with one scale pair per expert (`[E]`)."""
 
     scheme = "nvfp4-modelopt"
+    supports_search = True
 
-    def _quantize(self, weights, act):
+    def _quantize(self, weights, act, importance):
         gs = shared_global_scale(*weights)
         input_scale = 1.0 / global_scale(_group_amax(act))
-        return gs, 1.0 / gs, input_scale, [quantize_nvfp4(w, gs) for w in weights]
+        return gs, 1.0 / gs, input_scale, self._nvfp4(weights, gs, importance)
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
-        _, scale_2, input_scale, packed = self._quantize(weights, act)
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act, importance)
         for module, (p, s) in zip(modules, packed):
             yield f"{module}.weight", p, None
             yield f"{module}.weight_scale", s, None
             yield f"{module}.weight_scale_2", scale_2.reshape(()), None
             yield f"{module}.input_scale", input_scale.reshape(()), None
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None) -> Iterator[Emit]:
-        _, scale_2, input_scale, packed = self._quantize(weights, act)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act, importance)
         for module, (p, s) in zip(modules, packed):
             yield f"{module}.weight", p.unsqueeze(0), expert
             yield f"{module}.weight_scale", s.unsqueeze(0), expert
@@ -293,8 +327,7 @@ LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtFp8
 NEEDS_ACTIVATION_STATS = frozenset({"fp8-static", "nvfp4", "nvfp4-modelopt"})
 
 
-def layout_for(scheme: str):
-    try:
-        return LAYOUTS[scheme]()
-    except KeyError:
+def layout_for(scheme: str, method: str = "rtn"):
+    if scheme not in LAYOUTS:
         raise ValueError(f"scheme {scheme!r} has no layout (known: {sorted(LAYOUTS)})")
+    return LAYOUTS[scheme](method)

@@ -141,10 +141,16 @@ def quantize_nvfp4(w: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, tor
     groups = w.unflatten(-1, (-1, NVFP4_GROUP))
     s = groups.abs().amax(dim=-1) / FP4_E2M1_MAX
     s = torch.clamp(gsv * s.to(torch.float32), -FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE).to(torch.float32)
-    s = torch.where(s == 0, FP8_E4M3_EPS, s)
-    x = groups.to(torch.float32) / (s / gsv)[..., None]
-    codes = fp4_codes(torch.clamp(x, -FP4_E2M1_MAX, FP4_E2M1_MAX)).flatten(-2)
-    return pack_fp4(codes), s.to(FP8_DTYPE)
+    s = torch.where(s == 0, FP8_E4M3_EPS, s).to(FP8_DTYPE)
+    return encode_nvfp4(w, gs, s), s
+
+
+def encode_nvfp4(w: torch.Tensor, gs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 codes of `w` for given FP8 group scales `scale [..., out, in/16]` and global scale `gs`:
+    `fp4_codes(clamp(w / (scale / gs), +-6))` in float32, the order compressed-tensors uses."""
+    gsv = _gs_view(gs, tuple(w.shape[:-2]))
+    x = w.unflatten(-1, (-1, NVFP4_GROUP)).to(torch.float32) / (scale.to(torch.float32) / gsv)[..., None]
+    return pack_fp4(fp4_codes(torch.clamp(x, -FP4_E2M1_MAX, FP4_E2M1_MAX)).flatten(-2))
 
 
 def dequantize_nvfp4(packed: torch.Tensor, scale: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:

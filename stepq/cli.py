@@ -66,12 +66,13 @@ def _cmd_quantize(args) -> int:
                           max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision))
         return 0
     stats = None
-    if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS:
+    if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or args.method == "search":
         # Reuses out/<model>-calib/stats.safetensors when source, dataset and settings match; else calibrates.
         path = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
         stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
-                   max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats)
+                   max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
+                   method=args.method)
     print(out)
     return 0
 
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing artifact")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")
+    s.add_argument("--method", choices=["rtn", "search"], default="rtn",
+                   help="rtn: round to nearest, bit-identical to compressed-tensors; search (NVFP4): per-group FP8 "
+                        "scale search weighted by calibration importance, same format, lower error")
     _add_calibration_args(s)
     s.set_defaults(run=_cmd_quantize)
 

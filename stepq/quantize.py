@@ -117,6 +117,16 @@ class _Reader:
                                "input scale from the max over the layer's experts"})
         return torch.stack([self.stats.input_amax(module, e) for e in range(t.entry.shape[0])]).amax()
 
+    def importance(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
+        """Mean squared calibration input per input channel (the imatrix diagonal); None without statistics."""
+        if self.stats is None:
+            return None
+        if self.meta:
+            return torch.zeros(t.entry.shape[-1], device="meta")
+        module = t.info.module
+        tokens = self.stats.tokens(module, expert)
+        return self.stats.channel_sumsq(module, expert).float() / max(tokens, 1)
+
     def checked(self, t: SourceTensor, w: torch.Tensor) -> torch.Tensor:
         if not self.meta and w.is_floating_point() and not torch.isfinite(w).all():
             raise BadInput(f"{self.ckpt.shard_path(t.shard)}: tensor {t.info.name}: contains NaN or Inf")
@@ -133,15 +143,22 @@ def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | Non
     if unit.experts:
         for e in range(unit.members[0].entry.shape[0]):
             ws = [src.checked(t, src.read_expert(t.info.name, e)) for t in unit.members]
-            yield from layout.experts(modules, e, ws, _acts(src, unit, e))
+            yield from layout.experts(modules, e, ws, _acts(src, unit, e), _importance(src, unit, e, layout))
     else:
         ws = [src.checked(t, src.read(t.info.name)) for t in unit.members]
-        yield from layout.linear(modules, ws, _acts(src, unit, None))
+        yield from layout.linear(modules, ws, _acts(src, unit, None), _importance(src, unit, None, layout))
 
 
 def _acts(src: _Reader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
     acts = [src.act(t, expert) for t in unit.members]
     return None if acts[0] is None else acts
+
+
+def _importance(src: _Reader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
+    if layout.method != "search":  # only the scale search weighs errors by channel importance
+        return None
+    imp = [src.importance(t, expert) for t in unit.members]
+    return None if imp[0] is None else imp
 
 
 def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> list[OutSpec]:
@@ -176,20 +193,24 @@ def variant_name(recipe: Recipe) -> str:
 
 def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
              max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
-             stats=None) -> Path:
+             stats=None, method: str = "rtn") -> Path:
     """`stats`: calibration statistics (`calib.stats.CalibStats`), required by schemes with static activation
-    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`)."""
+    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`) and used as channel importance by `method="search"`."""
     t0 = time.time()
     ckpt = open_checkpoint(model)
     try:
         recipe = load_recipe(scheme, recipe_file)
-        layout = layout_for(recipe.scheme)
+        try:
+            layout = layout_for(recipe.scheme, method)
+        except ValueError as e:
+            raise BadInput(str(e))
         if recipe.scheme in NEEDS_ACTIVATION_STATS and stats is None:
             raise BadInput(f"--scheme {scheme}: needs calibration statistics (run `stepq calibrate` first)")
-        if recipe.scheme not in NEEDS_ACTIVATION_STATS:
+        if recipe.scheme not in NEEDS_ACTIVATION_STATS and method == "rtn":
             stats = None
         units = plan_units(ckpt, recipe)
-        specs = plan_outputs(units, layout, ckpt, stats)
+        extras = list(getattr(layout, "extra_tensors", lambda _: [])(list(ckpt.config.mtp_layers)))
+        specs = plan_outputs(units, layout, ckpt, stats) + [OutSpec(n, t.dtype, tuple(t.shape)) for n, t, _ in extras]
         t_plan = time.time()
         out_dir = Path(out) / f"{Path(model).resolve().name}-{variant_name(recipe)}"
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
@@ -202,6 +223,8 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
                     for name, t, row in emit(u, layout, src):
                         writer.write(name, t, row)
                         bar.update(t.numel() * t.element_size())
+                for name, t, _ in extras:
+                    writer.write(name, t)
             t_convert = time.time()
             kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
                     for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
@@ -214,8 +237,9 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             for name in TOKENIZER_FILES:
                 if (ckpt.dir / name).is_file():
                     writer.copy_file(ckpt.dir / name)
-            prov = _provenance(ckpt, recipe, units, writer, source_id or str(model), revision,
+            prov = _provenance(ckpt, recipe, method, units, writer, source_id or str(model), revision,
                                {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
+            prov["added_tensors"] = {name: why for name, _, why in extras}
             if stats is not None:
                 prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
                                        "activation_fallbacks": src.fallbacks}
@@ -225,8 +249,8 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
     return out_dir
 
 
-def _provenance(ckpt: Checkpoint, recipe: Recipe, units: list[Unit], writer: ArtifactWriter, source: str,
-                revision: str | None, timings: dict) -> dict:
+def _provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit], writer: ArtifactWriter,
+                source: str, revision: str | None, timings: dict) -> dict:
     files = {}
     for shard in sorted(ckpt.shards) + ["config.json"]:
         p = ckpt.dir / shard
@@ -244,7 +268,7 @@ def _provenance(ckpt: Checkpoint, recipe: Recipe, units: list[Unit], writer: Art
     return {
         "format_version": 1,
         "source": {"model": source, "revision": revision, "path": str(ckpt.dir.resolve()), "files": files},
-        "scheme": recipe.scheme, "recipe": recipe.to_dict(), "variant": variant_name(recipe),
+        "scheme": recipe.scheme, "method": method, "recipe": recipe.to_dict(), "variant": variant_name(recipe),
         "shards": writer.shard_names,
         "tensors": decisions,
         "versions": _versions(),

@@ -116,3 +116,33 @@ def test_static_schemes_refuse_to_run_without_statistics(artifacts, tmp_path):
     src, _ = artifacts
     with pytest.raises(BadInput, match="needs calibration statistics"):
         quantize(src, "nvfp4", tmp_path)
+
+
+def test_scale_search_keeps_format_and_scales_tied_and_records_the_method(tmp_path):
+    from convert.fixtures import fixture_config, write_random_checkpoint
+
+    src = write_random_checkpoint(tmp_path / "rand-step35", fixture_config(), seed=5)
+    inputs = {t.info.module: t.entry.shape[-1] for t in open_checkpoint(src)}
+
+    class Stats(FakeStats):
+        def channel_sumsq(self, module, expert=None):
+            return torch.linspace(0.5, 2.0, inputs[module]) * self.tokens(module, expert)
+
+    rtn = ArtifactReader(quantize(src, "nvfp4", tmp_path / "rtn", stats=Stats()))
+    srch = ArtifactReader(quantize(src, "nvfp4", tmp_path / "search", stats=Stats(), method="search"))
+    assert json.loads((srch.path / "stepq.json").read_text())["method"] == "search"
+    ckpt = open_checkpoint(src)
+    changed = 0
+    for name in rtn.source_names():
+        if rtn.decisions[name]["action"] != "quantized":
+            continue
+        w = ckpt.read(name).float()
+        e_rtn, e_search = ((rtn.read(name) - w).norm() / w.norm()).item(), ((srch.read(name) - w).norm() / w.norm()).item()
+        assert e_search < e_rtn * 1.02, name  # importance-weighted, so plain error may move a little either way
+        changed += e_search != e_rtn
+    assert changed > 0
+    for m in ("model.layers.0.self_attn.q_proj", "model.layers.2.moe.experts.3.gate_proj"):
+        for suffix in ("weight_global_scale", "input_global_scale"):  # the format's per-tensor scales are untouched
+            assert torch.equal(srch.stored(f"{m}.{suffix}"), rtn.stored(f"{m}.{suffix}"))
+    with pytest.raises(Exception, match="--method search: not available for fp8-block"):
+        quantize(src, "fp8-block", tmp_path / "x", method="search")
