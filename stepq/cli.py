@@ -86,6 +86,21 @@ def _size(text: str) -> int:
     return int(float(t))
 
 
+def _cmd_verify(args) -> int:
+    from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm
+
+    try:
+        ensure_vllm_env()
+    except VllmEnvError as e:
+        raise BadInput(str(e))
+    ok = True
+    for artifact in args.artifacts:
+        report = verify_vllm(artifact)
+        print(summary(report))
+        ok = ok and bool(report.get("ok"))
+    return 0 if ok else 1
+
+
 def _not_yet(name: str):
     def run(args) -> int:
         print(f"stepq {name}: {NOT_YET[name]} is not implemented yet", file=sys.stderr)
@@ -146,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale search weighted by calibration importance, same format, lower error")
     _add_calibration_args(s)
     s.set_defaults(run=_cmd_quantize)
+
+    s = sub.add_parser("verify", help="load artifacts with an engine's own loader (trunk and MTP drafter)")
+    s.add_argument("artifacts", nargs="+")
+    s.add_argument("--engine", choices=["vllm"], default="vllm",
+                   help="vllm: vLLM's loader on CPU, in its own cached venv (`make vllm-env`)")
+    s.set_defaults(run=_cmd_verify)
 
     for name in NOT_YET:
         s = sub.add_parser(name, help=f"{NOT_YET[name]} (not implemented yet)")

@@ -305,3 +305,11 @@ def test_every_problem_is_one_line(reports):
 def test_not_an_artifact_is_one_line(tmp_path, vllm_python):
     report = verify_vllm(tmp_path, python=vllm_python)
     assert not report["ok"] and len(report["problems"]) == 1 and "no config.json" in report["problems"][0]
+
+
+def test_verify_command_exit_codes(loaded, capsys):
+    """`stepq verify --engine vllm`: 0 when every artifact loads as trunk and drafter, 1 when one does not."""
+    assert stepq_main(["verify", "--engine", "vllm", str(loaded.paths["fp8-block"])]) == 0
+    assert stepq_main(["verify", str(loaded.paths["fp8-block"]), str(loaded.paths["missing-k-proj"])]) == 1
+    out = capsys.readouterr().out
+    assert "missing-k-proj: FAILED" in out
