@@ -18,34 +18,10 @@ from calib.stats import CalibStats, StatsCollector
 from calib.stream import stream_forward
 from convert.checkpoint import open_checkpoint
 from convert.errors import BadInput
-from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
+from convert.fixtures import BUNDLED_FIXTURE, fixture_config
 from stepq.calibrate import calibrate, stats_path
 
 N, L = 8, 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fixture_dir(tmp_path_factory):
-    """The trained fixture once its weights are there; until then a random checkpoint with the same config."""
-    if (BUNDLED_FIXTURE / "model.safetensors").is_file():
-        return BUNDLED_FIXTURE
-    d = write_random_checkpoint(tmp_path_factory.mktemp("rand") / "tiny-step35", fixture_config(), seed=3)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        shutil.copy(BUNDLED_FIXTURE / f, d / f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return fixture_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 with activations in RAM and on disk; one layer in memory at a time; lm_head read only when logits are asked for."""
 
 import gc
-import shutil
 import weakref
 
 import pytest
@@ -13,34 +12,10 @@ from calib.data import load_calibration
 from calib.reference import load_reference
 from calib.stream import Activations, stream_forward
 from convert.checkpoint import open_checkpoint
-from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
+from convert.fixtures import fixture_config
 
 ATOL = 1e-4
 N, L = 6, 160  # L > sliding window (64): the sliding mask matters
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fixture_dir(tmp_path_factory):
-    """The trained fixture once its weights are there; until then a random checkpoint with the same config."""
-    if (BUNDLED_FIXTURE / "model.safetensors").is_file():
-        return BUNDLED_FIXTURE
-    d = write_random_checkpoint(tmp_path_factory.mktemp("rand") / "tiny-step35", fixture_config(), seed=3)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        shutil.copy(BUNDLED_FIXTURE / f, d / f)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return fixture_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
