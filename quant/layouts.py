@@ -5,6 +5,8 @@ Tensors in, (name, tensor, row) out; `row` is set when the tensor is one expert'
 Ignore lists are written for vLLM's matching: native `fp8` matches module prefixes exactly (fused shards must all
 be listed), compressed-tensors accepts names and `re:` regexes; the MTP drafter names its modules
 `model.layers.<n>.mtp_block.*`, `model.layers.<n>.eh_proj` and `model.layers.<n>.shared_head.head`.
+`mtp_layers` passed to the config builders are the MTP layers kept entirely unquantized (one pattern covers them);
+modules kept inside quantized MTP layers are listed one by one under their runtime names.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def runtime_names(module: str, mtp: bool) -> list[str]:
         elif rest.startswith(("self_attn.", "mlp.")):
             names += [f"{layer}.mtp_block.{r}" for r in (rest, fused) if r]
     return list(dict.fromkeys(names))
+
+
+def _in_layers(module: str, layers: list[int]) -> bool:
+    m = _LAYER_MODULE.match(module)
+    return m is not None and int(m.group(1).rsplit(".", 1)[1]) in layers
 
 
 def _mtp_regex(mtp_layers: list[int]) -> list[str]:
@@ -150,8 +157,8 @@ class _CompressedTensorsLayout(_Layout):
     def ignore(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
         names = ["lm_head"]
         for k in kept:
-            if not k.mtp:
-                names += runtime_names(k.module, mtp=False)
+            if not _in_layers(k.module, mtp_layers):
+                names += runtime_names(k.module, mtp=k.mtp)
         return list(dict.fromkeys(names)) + _mtp_regex(mtp_layers)
 
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
@@ -306,7 +313,8 @@ class ModeloptNvfp4Layout(_Layout):
         return self.decode_linear(read, module)  # one weight_scale_2 per expert, broadcast by dequantize_nvfp4
 
     def exclude_modules(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
-        names = ["lm_head"] + [n for k in kept if not k.mtp for n in runtime_names(k.module, mtp=False)]
+        names = ["lm_head"] + [n for k in kept if not _in_layers(k.module, mtp_layers)
+                               for n in runtime_names(k.module, mtp=k.mtp)]
         return list(dict.fromkeys(names)) + [f"model.layers.{i}.*" for i in sorted(mtp_layers)]
 
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:

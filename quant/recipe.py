@@ -27,6 +27,9 @@ PROTECTED_REASONS = {
     "lm_head": "output head",
 }
 _KEYS = {"name", "scheme", "description", "quantize", "mtp"}
+# keep: MTP layers stay BF16 (default). quantize: their decoder block gets the trunk's roles and scheme, with the MTP
+# layers' own statistics; eh_proj, the norms and each MTP layer's own head stay BF16.
+MTP_MODES = ("keep", "quantize")
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,15 @@ class Recipe:
             if chosen and chosen != set(group):
                 raise ValueError(f"{source}: {sorted(chosen)} are fused with {sorted(set(group) - chosen)} by the "
                                  f"engines; quantize all of them or none")
-        if d.get("mtp", "keep") != "keep":
-            raise ValueError(f"{source}: mtp must be 'keep' (the MTP head stays BF16)")
-        return cls(name=str(d.get("name", source)), scheme=scheme, quantize=roles,
+        mtp = d.get("mtp", "keep")
+        if mtp not in MTP_MODES:
+            raise ValueError(f"{source}: mtp must be one of {list(MTP_MODES)}, got {mtp!r}")
+        return cls(name=str(d.get("name", source)), scheme=scheme, quantize=roles, mtp=mtp,
                    description=str(d.get("description", "")))
 
     def decide(self, role: str, mtp: bool) -> Decision:
         """Whether a tensor of `role` (inside an MTP layer when `mtp`) is quantized, and why."""
-        if mtp:
+        if mtp and self.mtp == "keep":
             return Decision(False, "MTP head kept BF16 (drafter accuracy; engines load it unquantized)")
         if role in PROTECTED_REASONS:
             return Decision(False, PROTECTED_REASONS[role])

@@ -228,11 +228,12 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             t_convert = time.time()
             kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
                     for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
-            qcfg = layout.quantization_config(kept, list(ckpt.config.mtp_layers))
+            whole_mtp = list(ckpt.config.mtp_layers) if recipe.mtp == "keep" else []
+            qcfg = layout.quantization_config(kept, whole_mtp)
             config = dict(ckpt.config.raw)
             config["quantization_config"] = qcfg
             writer.write_json("config.json", config)
-            for name, obj in getattr(layout, "extra_files", lambda *_: {})(kept, list(ckpt.config.mtp_layers)).items():
+            for name, obj in getattr(layout, "extra_files", lambda *_: {})(kept, whole_mtp).items():
                 writer.write_json(name, obj)
             for name in TOKENIZER_FILES:
                 if (ckpt.dir / name).is_file():

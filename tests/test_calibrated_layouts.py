@@ -146,3 +146,19 @@ def test_scale_search_keeps_format_and_scales_tied_and_records_the_method(tmp_pa
             assert torch.equal(srch.stored(f"{m}.{suffix}"), rtn.stored(f"{m}.{suffix}"))
     with pytest.raises(Exception, match="--method search: not available for fp8-block"):
         quantize(src, "fp8-block", tmp_path / "x", method="search")
+
+
+def test_mtp_recipe_quantizes_the_mtp_blocks_with_their_own_statistics(artifacts, tmp_path):
+    src, _ = artifacts
+    art = ArtifactReader(quantize(src, "nvfp4-mtp", tmp_path, stats=FakeStats()))
+    fake = FakeStats()
+    q = json.loads((art.path / "config.json").read_text())["quantization_config"]
+    assert not any(p.startswith("re:") for p in q["ignore"])  # no blanket MTP pattern: modules listed one by one
+    for kept in ("model.layers.5.eh_proj", "model.layers.6.shared_head.head", "model.layers.5.mtp_block.self_attn.g_proj"):
+        assert kept in q["ignore"]
+    m = "model.layers.6.self_attn.o_proj"
+    assert art.decisions[f"{m}.weight"]["action"] == "quantized"
+    assert art.stored(f"{m}.input_global_scale").item() == global_scale(fake.input_amax(m)).item()
+    for name in ("model.layers.5.eh_proj.weight", "model.layers.5.transformer.shared_head.output.weight",
+                 "model.layers.5.enorm.weight"):
+        assert art.decisions[name]["action"] == "kept"

@@ -28,7 +28,7 @@ from stepq.quantize import RECIPES_DIR
 # quantization method vLLM must pick for it.
 QUANT_METHOD = {"bf16": None, "fp8-block": "fp8", "fp8-block-all": "fp8", "fp8-dynamic": "compressed-tensors",
                 "fp8-static": "compressed-tensors", "nvfp4a16": "compressed-tensors", "nvfp4": "compressed-tensors",
-                "nvfp4-modelopt": "modelopt_fp4"}
+                "nvfp4-modelopt": "modelopt_fp4", "nvfp4-mtp": "compressed-tensors"}
 SCHEMES = [v for v in QUANT_METHOD if v != "bf16"]
 VARIANTS = ["bf16", *SCHEMES]
 INDEX = "model.safetensors.index.json"
@@ -313,3 +313,9 @@ def test_verify_command_exit_codes(loaded, capsys):
     assert stepq_main(["verify", str(loaded.paths["fp8-block"]), str(loaded.paths["missing-k-proj"])]) == 1
     out = capsys.readouterr().out
     assert "missing-k-proj: FAILED" in out
+
+
+def test_quantized_mtp_block_loads_quantized_in_the_drafter(reports):
+    """nvfp4-mtp quantizes the MTP decoder blocks: the drafter must build NVFP4 parameters for them."""
+    assert reports["nvfp4-mtp"]["mtp"]["int_params"] > 0
+    assert reports["nvfp4"]["mtp"]["int_params"] == 0
