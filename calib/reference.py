@@ -77,19 +77,20 @@ class ReferenceModel(nn.Module):
         mtp_config = text_config(cfg, with_mtp=True)
         for i in range(n, n + k):
             # MTP layers reuse the trunk's sliding-attention RoPE table; refuse configs where that would be wrong.
-            assert mtp_config.layer_types[i] == "sliding_attention", f"MTP layer {i} is not sliding attention"
+            if mtp_config.layer_types[i] != "sliding_attention":
+                raise ValueError(f"MTP layer {i} is {mtp_config.layer_types[i]}; only sliding_attention is supported")
+            first_swa = self.config.layer_types.index("sliding_attention")
             for key in ("rope_theta", "partial_rotary_factors"):
                 vals = cfg.get(key)
-                if isinstance(vals, list):
-                    first_swa = cfg["layer_types"].index("sliding_attention")
-                    assert vals[i] == vals[first_swa], f"{key}[{i}] differs from the trunk's sliding layers"
+                if isinstance(vals, list) and vals[i] != vals[first_swa]:
+                    raise ValueError(f"{key}[{i}] = {vals[i]} differs from the trunk's sliding layers")
         self.mtp = nn.ModuleList(MtpLayer(mtp_config, i) for i in range(n, n + k))
         # None disables the window (tests use this to show it matters).
         self.sliding_window = self.config.sliding_window
 
     # ---- masks and positions -------------------------------------------------------------------------------
     def _masks(self, t: int, device) -> dict:
-        """Causal masks per layer type, True = attend. A sliding layer sees the last `sliding_window` keys incl. itself."""
+        """Causal masks per layer type (True = attend); sliding layers see the last `sliding_window` keys incl. self."""
         q = torch.arange(t, device=device)[:, None]
         kv = torch.arange(t, device=device)[None, :]
         causal = kv <= q
@@ -126,8 +127,7 @@ class ReferenceModel(nn.Module):
         out, h = [], hidden
         for k, layer in enumerate(self.mtp, start=1):
             n = t - k
-            # vLLM step3p5_mtp.py + v1/spec_decode/step3p5.py: depth 1 gets Step3p5Model.forward's output (model.norm is
-            # applied only in compute_logits), depth k>1 gets the previous MTP layer's mtp_block output (pre shared_head.norm).
+            # vLLM step3p5{,_mtp}.py: depth 1 takes the trunk output before model.norm, depth k>1 the last mtp_block's.
             h = layer(
                 self.model.embed_tokens(input_ids[:, k:]),
                 h[:, :n],
@@ -196,7 +196,7 @@ def to_checkpoint_names(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, 
         if m := re.match(r"mtp\.(\d+)\.(.*)", name):
             out[f"model.layers.{n + int(m[1])}.{m[2].removeprefix('mtp_block.')}"] = w
             continue
-        m = re.match(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|gate\.e_score_correction_bias|experts\..*|shared_experts\..*)$", name)
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.((?:gate|experts|shared_experts)\..*)$", name)
         if m is None:
             out[name] = w
             continue
@@ -222,7 +222,10 @@ def load_reference(model_dir, dtype: torch.dtype = torch.float32) -> ReferenceMo
     tensors = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(f))
-    with torch.device("cpu"):
-        model = ReferenceModel(cfg)
+    model = ReferenceModel(cfg)
     model.load_checkpoint_tensors(tensors)
-    return model.to(dtype).eval()
+    model.to(dtype).eval()
+    for mod in model.modules():  # router_bias stays F32 as stored: it is added to fp32 sigmoid scores
+        if hasattr(mod, "e_score_correction_bias"):
+            mod.e_score_correction_bias = mod.e_score_correction_bias.float()
+    return model

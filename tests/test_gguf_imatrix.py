@@ -1,0 +1,216 @@
+"""llama.cpp imatrix from stepq's calibration statistics (`convert.gguf_imatrix.write_imatrix`).
+
+- the file reads back (gguf-py) with exactly the statistics' sums and token counts, per expert for `*_exps`;
+- `llama-quantize --imatrix` accepts it for a type that requires an imatrix (IQ2_XS refuses to run without one) and
+  `llama-perplexity` runs on the result;
+- against `llama-imatrix` on the same calibration text: ours has every entry llama-imatrix writes (same names and
+  layout), and the KL divergence vs the BF16 GGUF of Q4_K_M with ours is finite and not worse than without an
+  imatrix beyond noise. The table (no imatrix / llama-imatrix / ours) is printed (`pytest -s`).
+
+The llama.cpp tools are built through `make llama-cpp` (cached outside the repo), as in test_gguf.py; never skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from calib.stats import CalibStats
+from convert.checkpoint import open_checkpoint
+from convert.fixtures import BUNDLED_FIXTURE
+from convert.gguf_export import write_gguf
+from convert.gguf_imatrix import imatrix_entries, write_imatrix
+from convert.gguf_tools import llama_cpp_dir, run, tool
+from stepq.calibrate import calibrate
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "fixtures" / "tiny-step35-data"
+CALIB_N, CALIB_LEN = 16, 256  # stepq calibration: 16 x 256 tokens of calib.txt; llama-imatrix: -c 256 --chunks 16
+KLD_CTX, KLD_CHUNKS = 256, 8  # KLD on 8 x 256 tokens of eval.txt
+THREADS = 2
+
+KLD_RE = re.compile(r"Mean\s+KLD:\s+([-\d.eE+]+)\s+±\s+([-\d.eE+]+)")
+PPL_RE = re.compile(r"Final estimate: PPL = ([-\d.eE+naif]+)")
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Path:
+    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=REPO, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
+    return llama_cpp_dir()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    if not any(BUNDLED_FIXTURE.glob("*.safetensors")):
+        pytest.fail(f"{BUNDLED_FIXTURE}: the bundled fixture has no weights (make fixture)")
+    return tmp_path_factory.mktemp("imatrix")
+
+
+@pytest.fixture(scope="module")
+def stats(work) -> CalibStats:
+    path = calibrate(BUNDLED_FIXTURE, str(DATA / "calib.txt"), out_root=work / "out", n=CALIB_N, seq_len=CALIB_LEN,
+                     progress=False)
+    return CalibStats.load(path)
+
+
+@pytest.fixture(scope="module")
+def ours(stats, work) -> Path:
+    return write_imatrix(stats, BUNDLED_FIXTURE, work / "ours.imatrix.gguf")
+
+
+@pytest.fixture(scope="module")
+def bf16(work) -> Path:
+    return write_gguf(BUNDLED_FIXTURE, work / "tiny-BF16.gguf", "BF16").files[0]
+
+
+@pytest.fixture(scope="module")
+def eval_text(work) -> Path:
+    """The head of eval.txt, enough for KLD_CHUNKS x KLD_CTX tokens."""
+    text = (DATA / "eval.txt").read_text()
+    p = work / "eval-head.txt"
+    p.write_text(text[:8 * KLD_CTX * KLD_CHUNKS])  # the fixture tokenizer: ~6 bytes per token
+    return p
+
+
+def _tool_output(name: str, args: list, pattern: re.Pattern, tries: int = 3) -> re.Match:
+    """llama.cpp's asynchronous logger sometimes loses the last lines at exit (exit code 0): run again."""
+    out = ""
+    for _ in range(tries):
+        p = run(name, [*args, "-t", THREADS])
+        out = p.stdout + p.stderr
+        if m := pattern.search(out):
+            return m
+    raise AssertionError(f"{name} {args}: no {pattern.pattern!r} in its output:\n{out[-2000:]}")
+
+
+def _quantize(src: Path, dst: Path, qtype: str, imatrix: Path | None) -> Path:
+    run("llama-quantize", [*(["--imatrix", imatrix] if imatrix else []), src, dst, qtype, THREADS])
+    return dst
+
+
+def _read(path: Path) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
+    r = gguf.GGUFReader(path)
+    return r, {t.name: np.array(t.data) for t in r.tensors}
+
+
+# -- 1. the file holds the statistics ------------------------------------------------------------------------------
+
+def test_imatrix_values_equal_statistics(stats, ours, work):
+    r, t = _read(ours)
+    assert r.fields["general.type"].contents() == "imatrix"
+    assert r.fields["imatrix.datasets"].contents() == [str(DATA / "calib.txt")]
+    assert r.fields["imatrix.chunk_count"].contents() == CALIB_N
+    assert r.fields["imatrix.chunk_size"].contents() == CALIB_LEN
+    assert all(v.dtype == np.float32 for v in t.values())
+
+    cases = {  # gguf name -> (stats module, experts or None)
+        "blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj", None),
+        "blk.1.attn_gate.weight": ("model.layers.1.self_attn.g_proj", None),
+        "blk.2.attn_output.weight": ("model.layers.2.self_attn.o_proj", None),
+        "blk.1.ffn_down.weight": ("model.layers.1.mlp.down_proj", None),
+        "blk.3.ffn_up_shexp.weight": ("model.layers.3.share_expert.up_proj", None),
+        "blk.2.ffn_gate_inp.weight": ("model.layers.2.moe.gate", None),
+        "blk.2.ffn_gate_exps.weight": ("model.layers.2.moe.gate_proj", 8),
+        "blk.4.ffn_down_exps.weight": ("model.layers.4.moe.down_proj", 8),
+        "output.weight": ("lm_head", None),
+        "blk.5.nextn.eh_proj.weight": ("model.layers.5.eh_proj", None),
+        "blk.6.nextn.shared_head_head.weight": ("model.layers.6.transformer.shared_head.output", None),
+    }
+    for name, (module, experts) in cases.items():
+        sums, counts = t[name + ".in_sum2"], t[name + ".counts"]
+        if experts is None:
+            assert sums.shape == (stats.channel_sumsq(module).numel(),) and counts.shape == (1,), name
+            np.testing.assert_array_equal(sums, stats.channel_sumsq(module).float().numpy(), err_msg=name)
+            assert counts[0] == stats.tokens(module), name
+        else:
+            assert sums.shape[0] == counts.shape[0] == experts, name
+            for e in range(experts):
+                np.testing.assert_array_equal(sums[e], stats.channel_sumsq(module, e).float().numpy(), err_msg=name)
+                assert counts[e, 0] == stats.tokens(module, e), name
+            assert counts.sum() == stats.tokens(module)  # expert=None on a stack: the sum over experts
+            assert len(set(counts.ravel().tolist())) > 1  # really per expert, not one count repeated
+
+    # every quantizable matrix of the model is covered; the embedding (a lookup) is not
+    n_linear = sum(1 for n in t if n.endswith(".in_sum2"))
+    assert "token_embd.weight.in_sum2" not in t
+    assert n_linear == len(stats.modules())  # every statistics module is a weight of this model
+
+    # a Checkpoint, its config or the folder give the same file; mtp=False drops the MTP blocks
+    ckpt = open_checkpoint(BUNDLED_FIXTURE)
+    try:
+        via_cfg = write_imatrix(stats, ckpt.config, work / "cfg.imatrix.gguf")
+        via_ckpt = write_imatrix(stats.path, ckpt, work / "ckpt.imatrix.gguf")
+        _, missing = imatrix_entries(stats, ckpt)
+    finally:
+        ckpt.close()
+    assert via_cfg.read_bytes() == via_ckpt.read_bytes() == ours.read_bytes()
+    assert missing == []
+    _, nomtp = _read(write_imatrix(stats, BUNDLED_FIXTURE, work / "nomtp.imatrix.gguf", mtp=False))
+    assert not any(n.startswith(("blk.5.", "blk.6.")) for n in nomtp)
+    assert set(nomtp) == {n for n in t if not n.startswith(("blk.5.", "blk.6."))}
+
+
+# -- 2. llama.cpp uses it where an imatrix is required --------------------------------------------------------------
+
+def test_llama_quantize_accepts_for_imatrix_only_type(llama_cpp, ours, bf16, eval_text, work):
+    # without an imatrix llama-quantize refuses IQ2_XS
+    p = subprocess.run([str(tool("llama-quantize")), bf16, work / "none-IQ2_XS.gguf", "IQ2_XS", str(THREADS)],
+                       capture_output=True, text=True, errors="replace", check=False)
+    assert p.returncode != 0 and "requires an imatrix" in p.stdout + p.stderr
+    out = run("llama-quantize", ["--imatrix", ours, bf16, work / "ours-IQ2_XS.gguf", "IQ2_XS", THREADS])
+    log = out.stdout + out.stderr
+    assert "loaded 73 importance matrix entries" in log, log[-2000:]
+    assert "did not find weights" not in log.replace("did not find weights for token_embd.weight", "")
+    r = gguf.GGUFReader(work / "ours-IQ2_XS.gguf")
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.2.ffn_gate_exps.weight"] == "IQ2_XS"
+    assert r.fields["quantize.imatrix.entries_count"].contents() == 73
+    # a few hundred tokens of held-out text: 3 x 128
+    m = _tool_output("llama-perplexity", ["-m", work / "ours-IQ2_XS.gguf", "-f", eval_text, "-c", 128,
+                                          "--chunks", 3], PPL_RE)
+    assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 1
+
+
+# -- 3. against llama-imatrix ---------------------------------------------------------------------------------------
+
+def test_kld_against_llama_imatrix(llama_cpp, ours, bf16, eval_text, work, capsys):
+    theirs = work / "llama.imatrix.gguf"
+    run("llama-imatrix", ["-m", bf16, "-f", DATA / "calib.txt", "-c", CALIB_LEN, "--chunks", CALIB_N, "--no-ppl",
+                          "-o", theirs, "-t", THREADS])
+    # same names and layout for everything llama-imatrix records (it never runs the MTP blocks, and `output`
+    # only with --process-output: ours has those in addition)
+    _, lt = _read(theirs)
+    _, ot = _read(ours)
+    assert set(lt) <= set(ot)
+    assert {n for n in ot if n not in lt} == {n for n in ot if n.startswith(("blk.5.", "blk.6.", "output."))}
+    for n in lt:
+        assert lt[n].shape == ot[n].shape, n
+        if n.endswith(".counts"):  # same number of tokens per matrix (the experts' split depends on the text)
+            assert lt[n].sum() == pytest.approx(ot[n].sum(), rel=0.01), n
+
+    base = work / "bf16.kld"
+    _tool_output("llama-perplexity", ["-m", bf16, "-f", eval_text, "-c", KLD_CTX, "--chunks", KLD_CHUNKS,
+                                      "--kl-divergence-base", base], PPL_RE)
+    rows = {}
+    for label, im in (("no imatrix", None), ("llama-imatrix", theirs), ("stepq (ours)", ours)):
+        q = _quantize(bf16, work / f"Q4_K_M-{label.split()[0]}.gguf", "Q4_K_M", im)
+        m = _tool_output("llama-perplexity", ["-m", q, "--kl-divergence-base", base, "--kl-divergence"], KLD_RE)
+        rows[label] = (float(m.group(1)), float(m.group(2)))
+    with capsys.disabled():
+        print(f"\nQ4_K_M mean KLD vs BF16 ({KLD_CHUNKS} x {KLD_CTX} tokens of eval.txt):")
+        for label, (k, se) in rows.items():
+            print(f"  {label:14s} {k:.6f} ± {se:.6f}")
+    ours_k, ours_se = rows["stepq (ours)"]
+    none_k, none_se = rows["no imatrix"]
+    assert all(math.isfinite(k) and k >= 0 for k, _ in rows.values())
+    assert ours_k <= none_k + 3 * math.hypot(ours_se, none_se), rows
