@@ -13,8 +13,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("compressed_tensors")
-
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8  # noqa: E402
 from compressed_tensors.quantization import (  # noqa: E402
