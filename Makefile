@@ -1,5 +1,6 @@
 # stepq: each target wraps one `stepq` command.
-# Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact).
+# Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact)
+# IMATRIX (=1: GGUF K/IQ quants with an importance matrix from stepq's calibration).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,6 +18,7 @@ REPO_ID ?=
 DRY_RUN ?=
 ARTIFACT ?=
 FORCE ?=
+IMATRIX ?=
 
 .PHONY: setup pull calibrate quant-fp8 quant-nvfp4 quant-gguf eval gate publish bench test fixture inspect clean
 
@@ -46,7 +48,7 @@ quant-nvfp4: $(STAMP)
 	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
 
 quant-gguf: $(STAMP) llama-cpp
-	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force)
+	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET)))
 
 eval: $(STAMP)
 	$(STEPQ) eval $(ARTIFACT) --model $(MODEL)

@@ -62,8 +62,12 @@ def _cmd_quantize(args) -> int:
     if args.scheme == "gguf":
         from stepq.gguf import export_gguf
 
+        imatrix = None
+        if args.imatrix:
+            imatrix = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
         print(export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
-                          max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision))
+                          max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision,
+                          imatrix=imatrix))
         return 0
     stats = None
     if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or args.method == "search":
@@ -153,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--qtype", help="GGUF type with --scheme gguf: Q4_K_M (default), Q5_K_M, Q6_K, IQ4_XS, Q8_0, BF16, ...")
     s.add_argument("--no-mtp", action="store_true", help="GGUF: drop the MTP layers (kept as blk.N.nextn.* by default)")
+    s.add_argument("--imatrix", action="store_true",
+                   help="GGUF K/IQ types: quantize with an importance matrix from stepq's calibration statistics")
     s.add_argument("--force", action="store_true", help="replace an existing artifact")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")

@@ -17,7 +17,9 @@ from pathlib import Path
 import gguf
 
 from convert.checkpoint import Checkpoint, open_checkpoint
+from calib.stats import CalibStats
 from convert.gguf_export import GGUFExport, write_gguf
+from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
@@ -34,11 +36,13 @@ def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str) -> Path
 
 def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_M", mtp: bool = True,
                 force: bool = False, *, max_shard_bytes: int | None = None, source_id: str | None = None,
-                revision: str | None = None) -> Path:
+                revision: str | None = None, imatrix=None) -> Path:
     """Write the GGUF variant `qtype` of the checkpoint in `model_dir`; returns `out_root/<model>-GGUF-<QTYPE>`.
 
     `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`). Files above `max_shard_bytes` (default 45 GB) are
     split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools (`make llama-cpp`).
+    `imatrix`: calibration statistics (`CalibStats` or its file); K/IQ types are then quantized with the llama.cpp
+    importance matrix written from them (`convert.gguf_imatrix`), the same calibration pass as FP8/NVFP4.
     """
     t0 = time.time()
     qtype = qtype.upper()
@@ -64,12 +68,21 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                 exp = write_gguf(ckpt, inter, "BF16", mtp)
                 timings["convert_s"] = time.time() - t0
                 quantized = tmp / ".quantized.gguf"
+                args = recipe.llama_quantize_args()
+                imx = write_imatrix(imatrix, ckpt, tmp / ".imatrix.gguf", mtp=mtp) if imatrix is not None else None
+                if imx is not None:
+                    args = ["--imatrix", str(imx), *args]
                 t1 = time.time()
-                llama_quantize(inter, quantized, qtype, recipe.llama_quantize_args())
+                llama_quantize(inter, quantized, qtype, args)
                 inter.unlink()
+                if imx is not None:
+                    imx.unlink()
                 files = gguf_split(quantized, tmp / stem, split)
                 timings["llama_quantize_s"] = time.time() - t1
             prov = _provenance(ckpt, exp, recipe, qtype, files, source_id or str(model_dir), revision, timings)
+            if imatrix is not None and recipe is not None:
+                stats = imatrix if isinstance(imatrix, CalibStats) else CalibStats.load(imatrix)
+                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": stats.sha256}
             (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
     finally:
         ckpt.close()

@@ -12,6 +12,7 @@ The llama.cpp tools are built through `make llama-cpp` (cached outside the repo)
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -214,3 +215,22 @@ def test_kld_against_llama_imatrix(llama_cpp, ours, bf16, eval_text, work, capsy
     none_k, none_se = rows["no imatrix"]
     assert all(math.isfinite(k) and k >= 0 for k, _ in rows.values())
     assert ours_k <= none_k + 3 * math.hypot(ours_se, none_se), rows
+
+
+def test_quant_gguf_with_imatrix_from_calibration(tmp_path):
+    """`stepq quantize --scheme gguf --imatrix`: calibrates (or reuses), quantizes with our importance matrix,
+    records the statistics it used; the result differs from the same type quantized without it."""
+    from stepq.cli import main
+
+    common = ["--scheme", "gguf", "--qtype", "Q4_K_M", "--num-samples", "8", "--seq-len", "128"]
+    assert main(["quantize", str(BUNDLED_FIXTURE), *common, "--imatrix", "--out", str(tmp_path / "imx")]) == 0
+    assert main(["quantize", str(BUNDLED_FIXTURE), *common, "--out", str(tmp_path / "plain")]) == 0
+    name = f"{BUNDLED_FIXTURE.name}-GGUF-Q4_K_M"
+    prov = json.loads((tmp_path / "imx" / name / "stepq.json").read_text())
+    stats = CalibStats.load(tmp_path / "imx" / f"{BUNDLED_FIXTURE.name}-calib" / "stats.safetensors")
+    assert prov["imatrix"]["statistics_sha256"] == stats.sha256
+    assert "imatrix" not in json.loads((tmp_path / "plain" / name / "stepq.json").read_text())
+    with_imx = (tmp_path / "imx" / name / f"{BUNDLED_FIXTURE.name}-Q4_K_M.gguf").read_bytes()
+    without = (tmp_path / "plain" / name / f"{BUNDLED_FIXTURE.name}-Q4_K_M.gguf").read_bytes()
+    assert with_imx != without
+    assert not list((tmp_path / "imx" / name).glob(".*"))  # intermediates (BF16, imatrix) removed
