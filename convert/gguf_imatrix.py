@@ -105,17 +105,12 @@ def imatrix_entries(stats: CalibStats, model: Checkpoint | Step35Config | str | 
     return entries, sorted(missing)
 
 
-def write_imatrix(stats: CalibStats | str | Path, ckpt_config_or_checkpoint: Checkpoint | Step35Config | str | Path,
+def write_imatrix(stats: CalibStats, ckpt_config_or_checkpoint: Checkpoint | Step35Config | str | Path,
                   out_path: str | Path, mtp: bool = True) -> Path:
-    """Write the llama.cpp GGUF imatrix of `stats` for the model (a Checkpoint, its Step35Config or the model
-    folder) to `out_path` (atomically); returns `out_path`. `mtp=False` leaves out the MTP layers, like a
-    `--no-mtp` GGUF. Weights without statistics are left out (llama-quantize quantizes them without imatrix, and
+    """Write the llama.cpp GGUF imatrix of `stats` (loaded `calib.stats.CalibStats`) for the model (a Checkpoint,
+    its Step35Config or the model folder) to `out_path` (atomically); returns `out_path`. `mtp=False` leaves out
+    the MTP layers, like a `--no-mtp` GGUF. Weights without statistics are left out (llama-quantize quantizes them without imatrix, and
     refuses only for the very-low-bit types that require one)."""
-    if isinstance(stats, (str, Path)):
-        # calib.stats imports transformers: only when given a path
-        from calib.stats import CalibStats
-
-        stats = CalibStats.load(stats)
     entries, _missing = imatrix_entries(stats, ckpt_config_or_checkpoint, mtp)
     meta = stats.meta
     dataset = (meta.get("dataset") or {}).get("id") or str(stats.path)

@@ -69,6 +69,8 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                 timings["convert_s"] = time.time() - t0
                 quantized = tmp / ".quantized.gguf"
                 args = recipe.llama_quantize_args()
+                if imatrix is not None and not isinstance(imatrix, CalibStats):
+                    imatrix = CalibStats.load(imatrix)
                 imx = write_imatrix(imatrix, ckpt, tmp / ".imatrix.gguf", mtp=mtp) if imatrix is not None else None
                 if imx is not None:
                     args = ["--imatrix", str(imx), *args]
@@ -81,8 +83,7 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                 timings["llama_quantize_s"] = time.time() - t1
             prov = _provenance(ckpt, exp, recipe, qtype, files, source_id or str(model_dir), revision, timings)
             if imatrix is not None and recipe is not None:
-                stats = imatrix if isinstance(imatrix, CalibStats) else CalibStats.load(imatrix)
-                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": stats.sha256}
+                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": imatrix.sha256}
             (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
     finally:
         ckpt.close()

@@ -150,7 +150,7 @@ def test_imatrix_values_equal_statistics(stats, ours, work):
     ckpt = open_checkpoint(BUNDLED_FIXTURE)
     try:
         via_cfg = write_imatrix(stats, ckpt.config, work / "cfg.imatrix.gguf")
-        via_ckpt = write_imatrix(stats.path, ckpt, work / "ckpt.imatrix.gguf")
+        via_ckpt = write_imatrix(stats, ckpt, work / "ckpt.imatrix.gguf")
         _, missing = imatrix_entries(stats, ckpt)
     finally:
         ckpt.close()
