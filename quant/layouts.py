@@ -95,6 +95,14 @@ class _Layout:
                              f"{'rtn, search' if self.supports_search else 'rtn'})")
         self.method = method
 
+    def extra_tensors(self, mtp_layers: list[int]) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Tensors an engine needs beyond the quantized source tensors: (name, tensor, why). None by default."""
+        return iter(())
+
+    def extra_files(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict[str, dict]:
+        """JSON files beside config.json that the format's readers expect. None by default."""
+        return {}
+
     def _nvfp4(self, weights: list[torch.Tensor], gs: torch.Tensor, importance: Act):
         if self.method == "search":
             return [quantize_nvfp4_search(w, gs, imp) for w, imp in zip(weights, importance or [None] * len(weights))]

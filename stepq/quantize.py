@@ -209,7 +209,7 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
         if recipe.scheme not in NEEDS_ACTIVATION_STATS and method == "rtn":
             stats = None
         units = plan_units(ckpt, recipe)
-        extras = list(getattr(layout, "extra_tensors", lambda _: [])(list(ckpt.config.mtp_layers)))
+        extras = list(layout.extra_tensors(list(ckpt.config.mtp_layers)))
         specs = plan_outputs(units, layout, ckpt, stats) + [OutSpec(n, t.dtype, tuple(t.shape)) for n, t, _ in extras]
         t_plan = time.time()
         out_dir = Path(out) / f"{Path(model).resolve().name}-{variant_name(recipe)}"
@@ -233,7 +233,7 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             config = dict(ckpt.config.raw)
             config["quantization_config"] = qcfg
             writer.write_json("config.json", config)
-            for name, obj in getattr(layout, "extra_files", lambda *_: {})(kept, whole_mtp).items():
+            for name, obj in layout.extra_files(kept, whole_mtp).items():
                 writer.write_json(name, obj)
             for name in TOKENIZER_FILES:
                 if (ckpt.dir / name).is_file():
