@@ -7,6 +7,7 @@ and the library's messages name neither the file nor, for holes and overlaps, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -105,6 +106,7 @@ class SafetensorsFile:
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             head += os.pread(fd, min(n, MAX_HEADER_BYTES), 8) if n <= MAX_HEADER_BYTES else b""
             self.entries, self.metadata, self.data_start = _parse_header(self.path, size, head)
+            self.header_sha256 = hashlib.sha256(head).hexdigest()
             # ACCESS_COPY: writable for torch.frombuffer without ever writing back to the checkpoint.
             self._map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
         finally:
@@ -139,9 +141,6 @@ class SafetensorsFile:
         return self._view(e.start + expert * per, per, e.dtype, e.shape[1:])
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass  # a caller still holds a view; the mapping goes when that view does
-            self._map = None
+        # Only drop our reference: tensors from `read` keep the mmap object alive (torch.frombuffer holds it but
+        # exports no buffer, so mmap.close() would unmap under them); the mapping goes with the last of them.
+        self._map = None

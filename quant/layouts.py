@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quant import activations
 from quant.fp8 import (
     dequantize_fp8_block, dequantize_fp8_channel, dequantize_fp8_tensor, fp8_tensor_scale, quantize_fp8_block,
     quantize_fp8_channel, quantize_fp8_tensor,
@@ -27,6 +28,7 @@ from quant.nvfp4_search import quantize_nvfp4_search
 Emit = tuple[str, torch.Tensor, int | None]
 Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
 Act = list[torch.Tensor] | None  # calibrated input absmax per module (0-dim), for schemes with static activations
+InputQuant = Callable[[torch.Tensor], torch.Tensor] | None  # what the engine does to a linear's input; None = nothing
 
 FUSED_RUNTIME = {  # checkpoint module suffix -> vLLM's fused module suffix
     "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
@@ -103,6 +105,13 @@ class _Layout:
         """JSON files beside config.json that the format's readers expect. None by default."""
         return {}
 
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        """The engine's input fake-quantization for a quantized linear `module`, scales read from the artifact."""
+        return None
+
+    def expert_input_quant(self, read: Read, stack_module: str, expert: int) -> InputQuant:
+        return self.input_quant(read, expert_module(stack_module, expert))
+
     def _nvfp4(self, weights: list[torch.Tensor], gs: torch.Tensor, importance: Act):
         if self.method == "search":
             return [quantize_nvfp4_search(w, gs, imp) for w, imp in zip(weights, importance or [None] * len(weights))]
@@ -132,6 +141,9 @@ class Fp8BlockLayout(_Layout):
 
     def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
         return self.decode_linear(read, module)  # the stack is stored 3-D, scales [E, rows, cols]
+
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        return activations.fp8_per_token_group  # `activation_scheme: dynamic` with 128x128 weight blocks
 
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
         skip = ["lm_head", "model.embed_tokens", "model.norm"]
@@ -199,6 +211,9 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
     def decode_linear(self, read: Read, module: str) -> torch.Tensor:
         return dequantize_fp8_channel(read(f"{module}.weight"), read(f"{module}.weight_scale"))
 
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        return activations.fp8_per_token
+
 
 class CtNvfp4A16Layout(_CompressedTensorsLayout):
     scheme = "nvfp4a16"
@@ -256,6 +271,10 @@ class CtNvfp4Layout(CtNvfp4A16Layout):
             if name.endswith(".weight_global_scale"):
                 yield name.replace(".weight_global_scale", ".input_global_scale"), igs, None
 
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        igs = read(f"{module}.input_global_scale")
+        return lambda x: activations.nvfp4(x, igs)
+
 
 class CtFp8StaticLayout(_CompressedTensorsLayout):
     """compressed-tensors FP8 static: per-tensor weight scale (tied across a fused group) and a static per-tensor
@@ -282,6 +301,10 @@ class CtFp8StaticLayout(_CompressedTensorsLayout):
 
     def decode_linear(self, read: Read, module: str) -> torch.Tensor:
         return dequantize_fp8_tensor(read(f"{module}.weight"), read(f"{module}.weight_scale"))
+
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        scale = read(f"{module}.input_scale")
+        return lambda x: activations.fp8_static(x, scale)
 
 
 class ModeloptNvfp4Layout(_Layout):
@@ -319,6 +342,14 @@ class ModeloptNvfp4Layout(_Layout):
 
     def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
         return self.decode_linear(read, module)  # one weight_scale_2 per expert, broadcast by dequantize_nvfp4
+
+    def input_quant(self, read: Read, module: str) -> InputQuant:
+        igs = 1.0 / read(f"{module}.input_scale").float().reshape(1)
+        return lambda x: activations.nvfp4(x, igs)
+
+    def expert_input_quant(self, read: Read, stack_module: str, expert: int) -> InputQuant:
+        igs = 1.0 / read(f"{stack_module}.input_scale").float().reshape(-1)[expert].reshape(1)
+        return lambda x: activations.nvfp4(x, igs)
 
     def exclude_modules(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
         names = ["lm_head"] + [n for k in kept if not _in_layers(k.module, mtp_layers)

@@ -1,0 +1,267 @@
+"""`stepq eval ARTIFACT --model SOURCE`: accuracy and speed of one variant against its BF16 source.
+
+Top to bottom: held-out tokens -> BF16 reference outputs (cached per source + tokens) -> the variant's outputs from
+its files on disk (safetensors: stepq's streamed forward with the engine's input quantization; GGUF: llama.cpp)
+-> KLD / top-1 / PPL / MTP acceptance -> weight error -> lm-eval tasks -> speed -> report.json, report.md and
+plots in ARTIFACT/eval/ (written to a temp folder, then renamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from calib.data import FIXTURE_DATA, defaults_for, load_calibration, load_tokenizer
+from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.errors import BadInput
+from convert.hashing import file_sha256
+from eval import forward
+from eval.metrics import mtp_acceptance, token_stats
+from eval.report import write_report
+from eval.schema import REPORT_DIR, SCHEMA, not_measured
+from eval.weights import weight_error
+
+FIXTURE_TEXT = FIXTURE_DATA.with_name("eval.txt")
+FIXTURE_EVAL = (str(FIXTURE_TEXT), 16, 256)              # 4K held-out tokens: seconds per variant
+# The real model: a held-out chat split (calibration uses train_sft). Full-vocabulary logits are kept in memory
+# (8 x 2048 tokens x 128896 x 4 B = 8.4 GB); larger eval sets need top-k reference storage.
+MODEL_EVAL = ("HuggingFaceH4/ultrachat_200k:test_sft", 8, 2048)
+IN_MEMORY_MAX_PARAMS = 2_000_000_000  # lm-eval through stepq's own forward only for small models
+
+
+def eval_text(model_dir: Path, dataset: str | None, n: int | None, seq_len: int | None, seed: int):
+    fixture = defaults_for(model_dir).dataset == str(FIXTURE_DATA)
+    d = FIXTURE_EVAL if fixture else MODEL_EVAL
+    return load_calibration(model_dir, dataset or d[0], n or d[1], seq_len or d[2], seed)
+
+
+def _ids_sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _files(artifact: Path) -> dict[str, str]:
+    return {str(p.relative_to(artifact)): file_sha256(p) for p in sorted(artifact.rglob("*"))
+            if p.is_file() and p.relative_to(artifact).parts[0] != REPORT_DIR}
+
+
+def _source_key(source: Checkpoint, ids: torch.Tensor) -> str:
+    from calib.stats import model_fingerprint
+
+    blob = json.dumps({"model": model_fingerprint(source.dir), "ids": _ids_sha(ids)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, progress: bool) -> forward.Outputs:
+    """BF16 logits and MTP logits of the source on `ids`, cached under `cache_dir/<source+tokens key>.safetensors`."""
+    path = cache_dir / f"{_source_key(source, ids)}.safetensors"
+    if path.is_file():
+        t = load_file(path)
+        k = sum(1 for n in t if n.startswith("mtp."))
+        return forward.Outputs(t["logits"], [t[f"mtp.{i}"] for i in range(1, k + 1)])
+    out = forward.source_outputs(source, ids, progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"logits": out.logits.contiguous(), **{f"mtp.{k}": m.contiguous() for k, m in
+                                                     enumerate(out.mtp_logits, start=1)}}, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def _mtp_rows(q_acc: list[float], ref_acc: list[float]) -> list[dict]:
+    return [{"depth": k, "acceptance": a, "acceptance_ref": r, "ratio": a / r if r else None}
+            for k, (a, r) in enumerate(zip(q_acc, ref_acc), start=1)]
+
+
+def _hardware() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "gpu": gpu}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("stepq", "torch", "transformers", "compressed-tensors", "gguf", "lm-eval"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _expert_load(provenance: dict, model_dir: Path, out_root: Path) -> dict:
+    """Routed-token share per expert from the calibration statistics the artifact was made with (or the default
+    statistics file for this source), else not measured."""
+    from calib.stats import CalibStats
+
+    cal = provenance.get("calibration") or {}
+    candidates = [Path(cal["path"])] if cal.get("path") else []
+    candidates.append(Path(out_root) / f"{model_dir.resolve().name}-calib" / "stats.safetensors")
+    for path in candidates:
+        if path.is_file():
+            stats = CalibStats.load(path)
+            cfg = json.loads((model_dir / "config.json").read_text())
+            out = {}
+            for layer in range(cfg["num_hidden_layers"]):
+                try:
+                    load = stats.expert_load(layer).double()
+                except (KeyError, BadInput):
+                    continue
+                out[str(layer)] = (load / load.sum().clamp(min=1)).tolist()
+            return out or not_measured("no MoE layers in the statistics")
+    return not_measured("no calibration statistics for this source (run `stepq calibrate`)")
+
+
+def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "out", *, dataset: str | None = None,
+             n: int | None = None, seq_len: int | None = None, seed: int = 0, tasks: list[str] | None = None,
+             task_limit: int | None = None, speed: bool = True, engine_check: bool = True,
+             progress: bool = True) -> Path:
+    """Evaluate `artifact` against the BF16 checkpoint in `model`; returns ARTIFACT/eval/report.json."""
+    artifact, model_dir, out_root = Path(artifact), Path(model), Path(out_root)
+    try:
+        provenance = json.loads((artifact / "stepq.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{artifact / 'stepq.json'}: not a stepq artifact ({e.__class__.__name__})")
+    is_gguf = any(artifact.glob("*.gguf"))
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    source = open_checkpoint(model_dir)
+    try:
+        text = eval_text(model_dir, dataset, n, seq_len, seed)
+        files_before = _files(artifact)
+        timings["open_s"] = time.time() - t0
+
+        t = time.time()
+        ref = reference_outputs(source, text.ids, out_root / f"{model_dir.resolve().name}-evalref", progress)
+        ref_acc = mtp_acceptance(ref.logits, ref.mtp_logits)
+        timings["reference_s"] = time.time() - t
+
+        t = time.time()
+        if is_gguf:
+            from eval import gguf_variant
+
+            q_logits, mtp, speed_part = gguf_variant.measure(artifact, model_dir, out_root, text.ids, speed=speed)
+            weights = not_measured("GGUF: weight error is measured as KLD through llama.cpp")
+            engines = {"vllm_load": not_measured("GGUF artifacts are for llama.cpp")}
+        else:
+            q, hooked = forward.artifact_outputs(source, artifact, text.ids, progress)
+            q_logits = q.logits
+            mtp = _mtp_rows(mtp_acceptance(q.logits, q.mtp_logits), ref_acc) if ref_acc else not_measured(
+                "the source has no MTP layers")
+            timings["forward_s"] = time.time() - t
+            t = time.time()
+            weights = weight_error(source, artifact, progress)
+            timings["weights_s"] = time.time() - t
+            speed_part = _safetensors_speed()
+            engines = {"vllm_load": _vllm_load(artifact) if engine_check else not_measured("skipped (--no-engine-check)")}
+        accuracy = token_stats(ref.logits, q_logits, text.ids)
+        accuracy["mtp"] = mtp
+        timings["accuracy_s"] = time.time() - t
+
+        t = time.time()
+        task_part = _tasks(source, artifact, model_dir, tasks, task_limit, is_gguf)
+        timings["tasks_s"] = time.time() - t
+
+        report = {
+            "schema": SCHEMA,
+            "artifact": {"path": str(artifact.resolve()), "name": artifact.name,
+                         "variant": provenance.get("variant") or artifact.name.split("-", 2)[-1],
+                         "format": "gguf" if is_gguf else "safetensors",
+                         "scheme": "gguf" if is_gguf else provenance.get("scheme"),
+                         "qtype": provenance.get("qtype") if is_gguf else None},
+            "files": files_before,
+            "source": {"model": provenance.get("source", {}).get("id") or str(model), "path": str(model_dir),
+                       "fingerprint": _source_key(source, text.ids)},
+            "text": {"source": text.dataset.get("id"), "sha256": _ids_sha(text.ids), "sequences": text.n,
+                     "seq_len": text.seq_len, "tokens": text.n * text.seq_len},
+            "accuracy": accuracy,
+            "weights": weights,
+            "expert_load": _expert_load(provenance, model_dir, out_root),
+            "tasks": task_part,
+            "speed": speed_part,
+            "engines": engines,
+            "hardware": _hardware(),
+            "versions": _versions(),
+            "timings": timings,
+        }
+    finally:
+        source.close()
+    if _files(artifact) != files_before:
+        raise BadInput(f"{artifact}: files changed while it was being evaluated; run eval again")
+    final = artifact / REPORT_DIR
+    tmp = artifact / f".{REPORT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    timings["total_s"] = time.time() - t0
+    write_report(report, tmp)
+    old = artifact / f".{REPORT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final / "report.json"
+
+
+def _safetensors_speed() -> dict:
+    from eval.speed import vllm_speed
+
+    return {"llama_bench": not_measured("safetensors variants run in vLLM / SGLang, not llama.cpp"),
+            "vllm": vllm_speed(), "ratios": {}}
+
+
+def _vllm_load(artifact: Path) -> dict:
+    from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, verify_vllm
+
+    try:
+        ensure_vllm_env()
+    except VllmEnvError as e:
+        return not_measured(str(e).splitlines()[0])
+    report = verify_vllm(artifact)
+    return {"ok": bool(report.get("ok")), "engine": "vllm 0.33.0 loader on CPU (trunk + step3p5_mtp drafter)",
+            "details": {k: v for k, v in report.items() if k != "ok"}}
+
+
+def _tasks(source: Checkpoint, artifact: Path, model_dir: Path, tasks: list[str] | None, limit: int | None,
+           is_gguf: bool) -> dict:
+    from eval.tasks import FIXTURE_TASK_DIR, FIXTURE_TASKS, compare_tasks, run_tasks
+
+    fixture = defaults_for(model_dir).dataset == str(FIXTURE_DATA)
+    names = tasks if tasks is not None else (FIXTURE_TASKS if fixture else [])
+    if not names:
+        return not_measured("no tasks selected for this model (--tasks)")
+    params = sum(t.entry.nbytes for t in source.tensors.values()) // 2
+    if params > IN_MEMORY_MAX_PARAMS:
+        return not_measured("lm-eval on the full model needs vLLM and a GPU (lm-eval's vllm backend)")
+    tok = load_tokenizer(model_dir)
+    scores = {}
+    for which, art in (("ref", None), ("q", artifact)):
+        if which == "q" and is_gguf:
+            from eval.gguf_logits import LlamaCppModel
+
+            m = LlamaCppModel(next(iter(sorted(artifact.glob("*.gguf")))))
+        else:
+            m = forward.in_memory_model(source, art)
+        try:
+            scores[which] = run_tasks(m, tok, names, FIXTURE_TASK_DIR if fixture else None, limit)
+        finally:
+            m.close()
+    out = compare_tasks(scores["q"], scores["ref"])
+    for entry in out.values():  # JSON has no NaN: an undefined recovery (zero reference score) is null
+        if entry["recovery"] != entry["recovery"]:
+            entry["recovery"] = None
+    return out
