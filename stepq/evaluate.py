@@ -184,7 +184,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
                          "scheme": "gguf" if is_gguf else provenance.get("scheme"),
                          "qtype": provenance.get("qtype") if is_gguf else None},
             "files": files_before,
-            "source": {"model": provenance.get("source", {}).get("id") or str(model), "path": str(model_dir),
+            "source": {"model": provenance.get("source", {}).get("model") or str(model), "path": str(model_dir),
                        "fingerprint": _source_key(source, text.ids)},
             "text": {"source": text.dataset.get("id"), "sha256": _ids_sha(text.ids), "sequences": text.n,
                      "seq_len": text.seq_len, "tokens": text.n * text.seq_len},

@@ -111,10 +111,12 @@ def test_recipe_file_with_unknown_keys_is_bad_input(random_ckpt, tmp_path):
     assert code == 2 and "fused with ['experts_up']" in err
 
 
-@pytest.mark.parametrize("command", ["eval", "gate", "publish"])
-def test_later_stages_say_so(command):
-    code, _, err = run(command)
-    assert code == 2 and "not implemented yet" in err
+@pytest.mark.parametrize("command", [["eval", "/nonexistent-artifact", "--model", "fixtures/tiny-step35"],
+                                     ["gate", "/nonexistent-artifact"],
+                                     ["publish", "/nonexistent-artifact", "--repo-id", "org/name", "--dry-run"]])
+def test_later_stages_refuse_a_missing_artifact(command):
+    code, out, err = run(*command)
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1 and "/nonexistent-artifact" in err, (code, err)
 
 
 def test_all_zero_expert_quantizes_without_nan(random_ckpt, tmp_path):
