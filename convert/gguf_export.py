@@ -74,17 +74,29 @@ def llama3_rope_factors(cfg: Step35Config) -> np.ndarray | None:
     return np.asarray(out, dtype=np.float32)
 
 
-def plan_tensors(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True) -> list[PlannedTensor]:
+# what a draft-only MTP GGUF keeps besides the MTP blocks (llama.cpp's `--mtp`, `conversion/step3.py`): the MTP
+# graph embeds with `token_embd` and falls back to `output` for a block without `shared_head_head`; the step35
+# loader requires `token_embd` and `output_norm` in every file (`src/models/step35.cpp`)
+DRAFT_SHARED = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def plan_tensors(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp_only: bool = False
+                 ) -> list[PlannedTensor]:
     """Every GGUF tensor in llama.cpp's converter order: `rope_freqs` first, then shard by shard (sorted file
-    names), tensors sorted by checkpoint name within a shard."""
+    names), tensors sorted by checkpoint name within a shard. `mtp_only`: the draft-only file (`--mtp`)."""
     qt = _outtype(outtype)
     cfg = ckpt.config
+    if mtp_only and (not mtp or cfg.num_mtp_layers == 0):
+        raise BadInput(f"{ckpt.dir}: a draft-only MTP GGUF needs the MTP layers (num_nextn_predict_layers = "
+                       f"{cfg.num_mtp_layers}{', and --no-mtp drops them' if not mtp else ''})")
     plan: list[PlannedTensor] = []
     factors = llama3_rope_factors(cfg)
     if factors is not None:
         plan.append(PlannedTensor(ROPE_FREQS, factors.shape, QT.F32, None, "rope_freqs"))
     for t in sorted(ckpt.tensors.values(), key=lambda t: (t.shard, t.info.name)):
         if t.info.mtp and not mtp:
+            continue
+        if mtp_only and not t.info.mtp and t.info.name not in DRAFT_SHARED:
             continue
         name = gguf_name(t.info)
         shape = tuple(t.entry.shape)
@@ -318,6 +330,7 @@ class GGUFExport:
     tokenizer: dict
     outtype: str
     mtp: bool
+    mtp_only: bool = False
 
 
 def _outtype(outtype: str) -> QT:
@@ -336,14 +349,18 @@ def shard_paths(out_file: Path, count: int) -> list[Path]:
 
 
 def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: str = "BF16", mtp: bool = True,
-               split_max_bytes: int = 0, model_name: str | None = None) -> GGUFExport:
-    """Write `out_file` (or its `-0000i-of-0000N` shards when the data exceeds `split_max_bytes` > 0)."""
+               split_max_bytes: int = 0, model_name: str | None = None, mtp_only: bool = False) -> GGUFExport:
+    """Write `out_file` (or its `-0000i-of-0000N` shards when the data exceeds `split_max_bytes` > 0).
+
+    `mtp_only`: the draft-only GGUF of llama.cpp's `convert_hf_to_gguf.py --mtp` -- the MTP blocks plus
+    `token_embd`, `output_norm`, `output` (and `rope_freqs`), with the full model's metadata (block_count = trunk +
+    MTP, `nextn_predict_layers`), which llama.cpp loads as `--spec-draft-model` next to a `--no-mtp` trunk."""
     qt = _outtype(outtype)
     own = not isinstance(model, Checkpoint)
     ckpt = open_checkpoint(model) if own else model
     try:
         out_file = Path(out_file)
-        plan = plan_tensors(ckpt, outtype, mtp)
+        plan = plan_tensors(ckpt, outtype, mtp, mtp_only)
         factors = llama3_rope_factors(ckpt.config)
         w = gguf.GGUFWriter(None, ARCH, split_max_size=split_max_bytes)
         for p in plan:
@@ -360,7 +377,7 @@ def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: st
             w.write_tensors_to_file(progress=False)
         finally:
             w.close()
-        return GGUFExport(shard_paths(out_file, n_files), plan, tok, qt.name, mtp)
+        return GGUFExport(shard_paths(out_file, n_files), plan, tok, qt.name, mtp, mtp_only)
     finally:
         if own:
             ckpt.close()

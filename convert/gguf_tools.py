@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from convert.errors import BadInput
@@ -62,3 +63,40 @@ def gguf_split(src: Path, out_prefix: Path, max_bytes: int) -> list[Path]:
     run("llama-gguf-split", ["--split", "--split-max-size", f"{mb}M", src, out_prefix])
     src.unlink()
     return sorted(out_prefix.parent.glob(f"{out_prefix.name}-*-of-*.gguf"))
+
+
+# Runs llama.cpp's converter as llama.cpp supports it, with two shims:
+# 1. llama.cpp pins transformers==4.57.6, which does not know model_type step3p5, so the converter falls back to
+#    reading config.json; transformers 5.17 (this venv) knows it and rewrites the config (drops
+#    partial_rotary_factors, renames moe_num_experts, ...), which the converter does not expect. Refuse AutoConfig
+#    in the converter only, as 4.57.6 does.
+# 2. The converter names the pre-tokenizer from a hash of token ids of vocabularies it was generated for; the
+#    fixture's vocabulary is its own (its pre-tokenizer is DeepSeek-V3's), so the hash is unknown. Registering it
+#    as deepseek-v3 is what convert_hf_to_gguf_update.py would add for this model.
+CONVERTER_HARNESS = r"""
+import runpy, sys
+tree = sys.argv[1]
+sys.path[:0] = [tree + "/gguf-py", tree]
+import conversion.base as base
+class _NoAutoConfig:
+    @staticmethod
+    def from_pretrained(*a, **k):
+        raise ValueError("model_type step3p5 is unknown to transformers==4.57.6 (llama.cpp's pin)")
+base.AutoConfig = _NoAutoConfig
+_pre = base.TextModel.get_vocab_base_pre
+def _pre_registered(self, tokenizer):
+    try:
+        return _pre(self, tokenizer)
+    except NotImplementedError:
+        return "deepseek-v3"
+base.TextModel.get_vocab_base_pre = _pre_registered
+sys.argv = [tree + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def reference_converter_cmd(model: Path, out_file: Path, *args: str) -> list[str]:
+    """The command running llama.cpp's own `convert_hf_to_gguf.py` (this tree's, with its gguf-py) on `model`,
+    through CONVERTER_HARNESS; `args` are the converter's (`--outtype bf16`, `--mtp`, ...)."""
+    return [sys.executable, "-c", CONVERTER_HARNESS, str(llama_cpp_tree()), str(model), "--outfile", str(out_file),
+            *args]

@@ -4,6 +4,12 @@ Top to bottom: open + validate the checkpoint -> pick the recipe -> BF16/F16/Q8_
 GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF, run `llama-quantize`
 with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's type as read back
 from the written files) -> atomic rename of the folder.
+
+Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
+holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
+variant with one provenance file, and a draft pairs with a trunk of any type (a Q4_K_M trunk with a Q8_0
+draft); the file keeps llama.cpp's `mtp-` prefix, which is how `llama-server -hf ... --mtp` finds a draft beside
+a trunk in a Hub repo, so both files can be published into one repo without renaming.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from pathlib import Path
 
 import gguf
 
-from convert.checkpoint import Checkpoint, open_checkpoint
 from calib.stats import CalibStats
+from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.errors import BadInput
 from convert.gguf_export import GGUFExport, write_gguf
 from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
-from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, recipe_for, supported_qtypes
+from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import file_sha256
 from convert.writer import AtomicDir
@@ -30,42 +37,47 @@ DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
 
 
-def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str) -> Path:
-    return Path(out_root) / f"{Path(model_dir).resolve().name}-GGUF-{qtype.upper()}"
+def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str, mtp_only: bool = False) -> Path:
+    return Path(out_root) / f"{Path(model_dir).resolve().name}-GGUF-{qtype.upper()}{'-MTP' if mtp_only else ''}"
 
 
 def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_M", mtp: bool = True,
                 force: bool = False, *, max_shard_bytes: int | None = None, source_id: str | None = None,
-                revision: str | None = None, imatrix=None) -> Path:
+                revision: str | None = None, imatrix=None, mtp_only: bool = False) -> Path:
     """Write the GGUF variant `qtype` of the checkpoint in `model_dir`; returns `out_root/<model>-GGUF-<QTYPE>`.
 
-    `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`). Files above `max_shard_bytes` (default 45 GB) are
-    split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools (`make llama-cpp`).
-    `imatrix`: calibration statistics (`CalibStats` or its file); K/IQ types are then quantized with the llama.cpp
-    importance matrix written from them (`convert.gguf_imatrix`), the same calibration pass as FP8/NVFP4.
+    `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`); `mtp_only=True` writes the draft-only MTP GGUF
+    into `out_root/<model>-GGUF-<QTYPE>-MTP` instead (llama.cpp's `--mtp`). Files above `max_shard_bytes`
+    (default 45 GB) are split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools
+    (`make llama-cpp`). `imatrix`: calibration statistics (`CalibStats` or its file); K/IQ types are then
+    quantized with the llama.cpp importance matrix written from them (`convert.gguf_imatrix`), the same
+    calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS, ...) require it.
     """
     t0 = time.time()
     qtype = qtype.upper()
-    if qtype not in DIRECT_TYPES:
-        recipe_for(qtype)  # unknown / imatrix-only types fail before anything is opened
+    if mtp_only and not mtp:
+        raise BadInput("--mtp-only writes the MTP head, --no-mtp drops it: pass one of them")
+    if qtype not in DIRECT_TYPES:  # unknown / imatrix-only types fail before anything is opened
+        recipe_for(qtype, imatrix=imatrix is not None, mtp_only=mtp_only)
     ckpt = open_checkpoint(model_dir)
     try:
         recipe = None
         if qtype not in DIRECT_TYPES:
-            recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else ())
+            recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else (), imatrix=imatrix is not None,
+                                n_embd=ckpt.config.hidden_size, mtp_only=mtp_only)
             tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
-        out_dir = variant_dir(model_dir, out_root, qtype)
-        stem = f"{Path(model_dir).resolve().name}-{qtype}"
+        out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
+        stem = f"{'mtp-' if mtp_only else ''}{Path(model_dir).resolve().name}-{qtype}"
         split = max_shard_bytes or DEFAULT_SPLIT_BYTES
         timings = {}
         with AtomicDir(out_dir, force) as tmp:
             if recipe is None:
-                exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split)
+                exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split, mtp_only=mtp_only)
                 files = exp.files
                 timings["convert_s"] = time.time() - t0
             else:
                 inter = tmp / ".intermediate-BF16.gguf"
-                exp = write_gguf(ckpt, inter, "BF16", mtp)
+                exp = write_gguf(ckpt, inter, "BF16", mtp, mtp_only=mtp_only)
                 timings["convert_s"] = time.time() - t0
                 quantized = tmp / ".quantized.gguf"
                 args = recipe.llama_quantize_args()
@@ -107,7 +119,8 @@ def _reason(p: PlannedTensor, actual: str, requested: str, recipe: GGUFRecipe | 
             return "norm stored as 1 + w (zero-centred RMSNorm), F32"
         return "router / selection bias / 1-D: llama.cpp keeps these F32"
     if actual != requested:
-        return f"{requested} requested; row length {p.shape[-1]} fits no {requested} block, fallback to {actual}"
+        return (f"{requested} requested; rows of {p.shape[-1]} values do not fill {requested} blocks of "
+                f"{block_size(requested)}: llama.cpp's fallback {actual}")
     if recipe is None:
         return "export type"
     if p.mtp:
@@ -119,6 +132,24 @@ def _reason(p: PlannedTensor, actual: str, requested: str, recipe: GGUFRecipe | 
     return "always-active tensor (attention, shared expert, dense MLP) at higher precision"
 
 
+def _tensor_decision(p: PlannedTensor, actual: str, recipe: GGUFRecipe | None, qtype: str) -> dict:
+    """What the recipe asked for this tensor, what was written, and why. A written type other than the request
+    or its llama.cpp row-size fallback means the recipe missed a tensor: fail rather than record it."""
+    if p.qtype.name == "F32":
+        requested = "F32"
+    else:
+        requested = qtype if recipe is None else recipe.intended_type(p.role, p.mtp)
+    expected = fallback_type(requested, p.shape[-1])
+    if actual != expected:
+        raise RuntimeError(f"tensor {p.name}: the recipe asks {requested} (-> {expected} for rows of "
+                           f"{p.shape[-1]}), the written file has {actual}")
+    d = {"source": p.source, "role": p.role, "layer": p.layer, "mtp": p.mtp, "shape": list(p.shape),
+         "type": actual, "requested": requested, "reason": _reason(p, actual, requested, recipe)}
+    if actual != requested:
+        d["fallback"] = {"from": requested, "to": actual, "row": p.shape[-1], "block": block_size(requested)}
+    return d
+
+
 def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
                 source: str, revision: str | None, timings: dict) -> dict:
     src_files = {}
@@ -127,18 +158,13 @@ def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qt
         if p.is_file():
             src_files[name] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     actual = read_tensor_types(files)
-    tensors = {}
-    for p in exp.tensors:
-        requested = p.qtype.name if recipe is None or p.qtype.name == "F32" else recipe.intended_type(p.role, p.mtp)
-        tensors[p.name] = {
-            "source": p.source, "role": p.role, "layer": p.layer, "mtp": p.mtp, "shape": list(p.shape),
-            "type": actual[p.name], "requested": requested, "reason": _reason(p, actual[p.name], requested, recipe),
-        }
+    tensors = {p.name: _tensor_decision(p, actual[p.name], recipe, qtype) for p in exp.tensors}
     return {
         "format_version": 1,
         "source": {"model": source, "revision": revision, "path": str(ckpt.dir.resolve()), "files": src_files},
-        "scheme": "gguf", "variant": f"GGUF-{qtype}", "qtype": qtype, "mtp": exp.mtp,
-        "mtp_layers": list(ckpt.config.mtp_layers) if exp.mtp else [],
+        "scheme": "gguf", "variant": f"GGUF-{qtype}{'-MTP' if exp.mtp_only else ''}", "qtype": qtype,
+        "mtp": exp.mtp, "mtp_only": exp.mtp_only, "mtp_layers": list(ckpt.config.mtp_layers) if exp.mtp else [],
+        "fallbacks": sorted(n for n, d in tensors.items() if "fallback" in d),
         "recipe": recipe.to_dict() if recipe else {"qtype": qtype, "tool": "gguf-py (identical to llama.cpp's "
                                                                           "convert_hf_to_gguf.py)"},
         "supported_qtypes": supported_qtypes(),

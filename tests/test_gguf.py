@@ -4,19 +4,22 @@
 - llama.cpp loads and runs every GGUF stepq writes (single file and split, gguf-py types and llama-quantize mixes);
 - the BF16 GGUF reproduces the reference forward (calib.reference) on the same tokens: perplexity, KL divergence
   and top-1 agreement, from the log-probs llama-perplexity saves;
-- llama.cpp tokenizes like the Hugging Face tokenizer; the MTP head drafts tokens that get accepted.
+- llama.cpp tokenizes like the Hugging Face tokenizer; the MTP head drafts tokens that get accepted, also as a
+  draft-only GGUF (`--mtp-only`, identical to the converter's `--mtp`) next to a `--no-mtp` trunk;
+- rows that do not fill a type's blocks get llama.cpp's fallback type, recorded in stepq.json.
 
 Tests needing llama.cpp build it through the Makefile (cached outside the repo); they never skip.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -26,43 +29,16 @@ import torch
 
 from convert.config import parse_config
 from convert.errors import BadInput
-from convert.fixtures import BUNDLED_FIXTURE
+from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
 from convert.gguf_export import add_model_metadata, llama3_rope_factors, write_gguf
-from convert.gguf_tools import llama_cpp_dir, llama_cpp_tree, tool
+from convert.gguf_kld import perplexity
+from convert.gguf_recipe import fallback_type, recipe_for
+from convert.gguf_tools import llama_cpp_dir, reference_converter_cmd, tool
 from stepq.gguf import export_gguf, read_tensor_types
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = REPO / "fixtures" / "tiny-step35-data" / "eval.txt"
 N_CTX, N_CHUNK = 128, 4  # 4 chunks of 128 tokens: 252 scored positions
-
-# Runs llama.cpp's converter as llama.cpp supports it, with two shims:
-# 1. llama.cpp pins transformers==4.57.6, which does not know model_type step3p5, so the converter falls back to
-#    reading config.json; transformers 5.17 (this venv) knows it and rewrites the config (drops
-#    partial_rotary_factors, renames moe_num_experts, ...), which the converter does not expect. Refuse AutoConfig
-#    in the converter only, as 4.57.6 does.
-# 2. The converter names the pre-tokenizer from a hash of token ids of vocabularies it was generated for; the
-#    fixture's vocabulary is its own (its pre-tokenizer is DeepSeek-V3's), so the hash is unknown. Registering it
-#    as deepseek-v3 is what convert_hf_to_gguf_update.py would add for this model.
-CONVERTER_HARNESS = r"""
-import runpy, sys
-tree = sys.argv[1]
-sys.path[:0] = [tree + "/gguf-py", tree]
-import conversion.base as base
-class _NoAutoConfig:
-    @staticmethod
-    def from_pretrained(*a, **k):
-        raise ValueError("model_type step3p5 is unknown to transformers==4.57.6 (llama.cpp's pin)")
-base.AutoConfig = _NoAutoConfig
-_pre = base.TextModel.get_vocab_base_pre
-def _pre_registered(self, tokenizer):
-    try:
-        return _pre(self, tokenizer)
-    except NotImplementedError:
-        return "deepseek-v3"
-base.TextModel.get_vocab_base_pre = _pre_registered
-sys.argv = [tree + "/convert_hf_to_gguf.py", *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -113,10 +89,8 @@ def _run(name: str, args: list, timeout: float = 300) -> str:
 # -- identity with llama.cpp's converter ------------------------------------------------------------------------
 
 def _reference_convert(tiny: Path, out: Path, *args: str) -> None:
-    tree = llama_cpp_tree()
     out.parent.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run([sys.executable, "-c", CONVERTER_HARNESS, str(tree), str(tiny), "--outfile", str(out), *args],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(reference_converter_cmd(tiny, out, *args), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"llama.cpp's convert_hf_to_gguf.py failed:\n{(p.stdout + p.stderr)[-4000:]}"
 
 
@@ -141,14 +115,16 @@ def _assert_same_gguf(ours: Path, ref: Path) -> None:
     assert ours.read_bytes() == ref.read_bytes(), "same contents but the files differ (layout/padding)"
 
 
-@pytest.mark.parametrize("outtype,mtp,split", [("BF16", True, 0), ("Q8_0", True, 0), ("BF16", False, 0),
-                                               ("Q8_0", True, 3_000_000)],
-                         ids=["BF16", "Q8_0", "BF16-no-mtp", "Q8_0-split"])
-def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, outtype, mtp, split):
-    args = ["--outtype", outtype.lower()] + ([] if mtp else ["--no-mtp"])
+@pytest.mark.parametrize("outtype,mode,split", [("BF16", "full", 0), ("Q8_0", "full", 0), ("BF16", "no-mtp", 0),
+                                                ("Q8_0", "full", 3_000_000), ("BF16", "mtp-only", 0),
+                                                ("Q8_0", "mtp-only", 0)],
+                         ids=["BF16", "Q8_0", "BF16-no-mtp", "Q8_0-split", "BF16-mtp-only", "Q8_0-mtp-only"])
+def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, outtype, mode, split):
+    args = ["--outtype", outtype.lower()] + {"full": [], "no-mtp": ["--no-mtp"], "mtp-only": ["--mtp"]}[mode]
     args += ["--split-max-size", str(split)] if split else []
     _reference_convert(tiny, tmp_path / "ref" / "m.gguf", *args)
-    ours = write_gguf(tiny, tmp_path / "ours" / "m.gguf", outtype, mtp=mtp, split_max_bytes=split).files
+    ours = write_gguf(tiny, tmp_path / "ours" / "m.gguf", outtype, mtp=mode != "no-mtp", split_max_bytes=split,
+                      mtp_only=mode == "mtp-only").files
     refs = sorted((tmp_path / "ref").glob("*.gguf"))
     assert [p.name for p in ours] == [p.name for p in refs]
     assert len(ours) == (1 if not split else len(refs)) and (not split or len(ours) > 1)
@@ -156,10 +132,14 @@ def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, outtype, mt
         _assert_same_gguf(o, r)
     kv = {k: v for k, _, v in _contents(ours[0])[0]}
     n_trunk, n_mtp = 5, 2
+    mtp = mode != "no-mtp"
     assert kv["step35.block_count"] == n_trunk + (n_mtp if mtp else 0)
     assert kv.get("step35.nextn_predict_layers") == (n_mtp if mtp else None)
     names = {t.name for f in ours for t in gguf.GGUFReader(f).tensors}
     assert ({f"blk.{i}.nextn.eh_proj.weight" for i in (5, 6)} <= names) == mtp
+    # the draft-only file: the MTP blocks, the shared embedding / final norm / output head, rope factors
+    assert ({n for n in names if not n.startswith(("blk.5.", "blk.6."))} ==
+            {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}) == (mode == "mtp-only")
 
 
 # -- metadata on the real Step-3.5-Flash config (no weights needed) -----------------------------------------------
@@ -342,21 +322,23 @@ def test_quantization_error(llama_runs):
     assert llama_runs["Q4_K_M-nomtp-split"]["kld"] == pytest.approx(k["Q4_K_M"], abs=1e-9)
 
 
-def test_no_mtp_trunk_identical(artifacts):
-    def tensors(files):
-        return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for f in files
-                for t in gguf.GGUFReader(f).tensors}
+def _tensors(files: list[Path]) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for f in files for t in gguf.GGUFReader(f).tensors}
 
-    full, trunk = tensors(artifacts["Q4_K_M"]), tensors(artifacts["Q4_K_M-nomtp-split"])
+
+def test_no_mtp_trunk_identical(artifacts):
+    full, trunk = _tensors(artifacts["Q4_K_M"]), _tensors(artifacts["Q4_K_M-nomtp-split"])
     assert set(full) - set(trunk) == {n for n in full if re.match(r"blk\.(5|6)\.", n)}
     assert all(full[n] == trunk[n] for n in trunk)
 
 
-def _spec_run(model: Path, prompt: str, n_max: int) -> tuple[int, int, str]:
-    """(accepted, drafted) from llama-speculative-simple with the MTP draft. Its summary is logged through an
-    async logger that can lose the last lines at exit; the generation is deterministic (greedy), so rerun."""
+@functools.cache
+def _spec_run(model: Path, prompt: str, n_max: int, draft: Path | None = None) -> tuple[int, int, str]:
+    """(accepted, drafted) from llama-speculative-simple with the MTP draft (the model's own MTP head, or the
+    draft-only GGUF `draft`). Its summary is logged through an async logger that can lose the last lines at exit;
+    the generation is deterministic (greedy), so rerun."""
     args = ["-m", model, "--spec-type", "draft-mtp", "--spec-draft-n-max", n_max, "-p", prompt, "-n", 48,
-            "--temp", 0, "-c", 512, "-t", 2, "--seed", 1]
+            "--temp", 0, "-c", 512, "-t", 2, "--seed", 1, *(["--spec-draft-model", draft] if draft else [])]
     for _ in range(6):
         out = _run("llama-speculative-simple", args)
         drafted, accepted = re.search(r"n_drafted\s*=\s*(\d+)", out), re.search(r"n_accept\s*=\s*(\d+)", out)
@@ -374,3 +356,131 @@ def test_mtp_draft_accepted(artifacts):
         assert drafted > 0 and accepted > 0, (kind, accepted, drafted)
         results[kind] = f"{accepted}/{drafted} ({100 * accepted / drafted:.1f}%)"
     print("\nMTP draft (2 heads) accepted/drafted:", results)
+
+
+def test_mtp_draft_only_gguf(artifacts, tiny, work):
+    """`--mtp-only`: the draft-only GGUF in its own variant folder; llama.cpp runs the --no-mtp trunk with it as
+    `--spec-draft-model` through the draft-mtp path, drafting and accepting exactly what the file with both does."""
+    out = export_gguf(tiny, work / "out", "Q4_K_M", mtp_only=True)
+    assert out.name == "tiny-step35-GGUF-Q4_K_M-MTP"
+    files = sorted(out.glob("*.gguf"))
+    assert [f.name for f in files] == ["mtp-tiny-step35-Q4_K_M.gguf"]
+    prov = json.loads((out / "stepq.json").read_text())
+    assert prov["mtp_only"] is True and prov["variant"] == "GGUF-Q4_K_M-MTP" and prov["mtp_layers"] == [5, 6]
+    draft, full = _tensors(files), _tensors(artifacts["Q4_K_M"])
+    assert set(draft) == {n for n in full if re.match(r"blk\.(5|6)\.", n)} | {
+        "token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+    assert all(draft[n] == full[n] for n in draft)  # same recipe, same bytes as in the full Q4_K_M file
+    assert {d["type"] for d in prov["tensors"].values()} == {"Q8_0", "F32"}
+
+    prompt = EVAL_TEXT.read_text(encoding="utf-8")[:400]
+    accepted, drafted, log = _spec_run(artifacts["Q4_K_M-nomtp-split"][0], prompt, 2, files[0])
+    assert "loading draft model" in log and str(files[0]) in log, log[-3000:]
+    assert drafted > 0 and accepted > 0
+    assert (accepted, drafted) == _spec_run(artifacts["Q4_K_M"][0], prompt, 2)[:2]
+    print(f"\nMTP draft-only file with the --no-mtp trunk: {accepted}/{drafted} accepted")
+
+
+def test_mtp_only_cli_and_bad_input(tiny, tmp_path, capsys):
+    from stepq.cli import main
+
+    common = ["quantize", str(tiny), "--scheme", "gguf", "--qtype", "Q8_0", "--out", str(tmp_path)]
+    assert main([*common, "--mtp-only"]) == 0
+    out = tmp_path / "tiny-step35-GGUF-Q8_0-MTP"
+    assert sorted(p.name for p in out.iterdir()) == ["mtp-tiny-step35-Q8_0.gguf", "stepq.json"]
+    assert capsys.readouterr().out.strip() == str(out)
+    assert main([*common, "--mtp-only", "--no-mtp", "--force"]) == 2
+    assert capsys.readouterr().err == "stepq: error: --mtp-only writes the MTP head, --no-mtp drops it: pass one " \
+                                      "of them\n"
+    shutil.rmtree(out)
+    nomtp = write_random_checkpoint(tmp_path / "nomtp", fixture_config(num_nextn_predict_layers=0), num_shards=1)
+    with pytest.raises(BadInput, match="needs the MTP layers"):
+        write_gguf(nomtp, tmp_path / "x.gguf", "BF16", mtp_only=True)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*-GGUF-*"))
+
+
+# -- rows that do not fill a type's blocks --------------------------------------------------------------------------
+
+# rows of 160 (hidden, routed expert width: multiples of 32, not of 256) and 200 (shared expert: not of 32)
+ODD_DIMS = {"hidden_size": 160, "moe_intermediate_size": 160, "share_expert_dim": 200}
+# Q3_K_M mix on those rows, role -> (requested, written): llama.cpp's tensor_type_fallback
+ODD_Q3_K_M = {"experts_gate": ("Q3_K", "Q4_0"), "experts_up": ("Q3_K", "Q4_0"), "experts_down": ("Q4_K", "Q5_0"),
+              "shared_down": ("Q6_K", "F16"), "attn_o": ("Q6_K", "Q6_K"), "mlp_down": ("Q6_K", "Q6_K")}
+
+
+@pytest.fixture(scope="session")
+def odd(work) -> Path:
+    """A random Step-3.5 checkpoint with ODD_DIMS and the fixture's tokenizer."""
+    d = write_random_checkpoint(work / "odd-step35", fixture_config(**ODD_DIMS), num_shards=1)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(BUNDLED_FIXTURE / f, d / f)
+    return d
+
+
+def _odd_expected(d: dict) -> tuple[str, str]:
+    role = d["role"]
+    if "norm" in role or role in ("router", "router_bias", "rope_freqs"):
+        return "F32", "F32"
+    if d["mtp"]:
+        return "Q8_0", "Q8_0"  # MTP rows (160, 320, 512) all fill Q8_0's 32-blocks
+    return ODD_Q3_K_M.get(role, ("Q6_K", "Q8_0"))  # the rest: rows of 160, Q6_K -> Q8_0
+
+
+def test_row_size_fallback_recorded(odd, work, llama_cpp):
+    """Q3_K_M through llama-quantize: every tensor gets the recipe's type or llama.cpp's fallback for its row
+    length (embeddings/output included, which llama-quantize leaves to the caller), recorded in stepq.json;
+    llama.cpp runs the result."""
+    out = export_gguf(odd, work / "odd-out", "Q3_K_M")
+    prov = json.loads((out / "stepq.json").read_text())
+    types = read_tensor_types(sorted(out.glob("*.gguf")))
+    fallbacks = set()
+    for name, d in prov["tensors"].items():
+        requested, written = _odd_expected(d)
+        assert (d["requested"], d["type"], types[name]) == (requested, written, written), (name, d)
+        if requested != written:
+            fallbacks.add(name)
+            assert d["fallback"] == {"from": requested, "to": written, "row": d["shape"][-1],
+                                     "block": 256}, (name, d)
+            assert "fallback" in d["reason"] and str(d["shape"][-1]) in d["reason"]
+    assert set(prov["fallbacks"]) == fallbacks
+    assert {"token_embd.weight", "output.weight", "blk.2.ffn_down_exps.weight", "blk.3.ffn_down_shexp.weight",
+            "blk.4.ffn_up_exps.weight"} <= fallbacks
+    ppl = perplexity(min(out.glob("*.gguf")), EVAL_TEXT, 128, 2)
+    assert math.isfinite(ppl) and ppl > 1
+
+
+def test_row_size_fallback_direct_type(odd, work, tmp_path, llama_cpp):
+    """Q8_0 written by gguf-py: rows of 200 fall back to F16, as llama.cpp's converter does (identical file),
+    recorded in stepq.json."""
+    _reference_convert(odd, tmp_path / "ref.gguf", "--outtype", "q8_0")
+    out = export_gguf(odd, work / "odd-out", "Q8_0")
+    files = sorted(out.glob("*.gguf"))
+    ours = write_gguf(odd, tmp_path / "ours.gguf", "Q8_0").files[0]
+    _assert_same_gguf(ours, tmp_path / "ref.gguf")
+    assert _tensors(files) == _tensors([ours])
+    prov = json.loads((out / "stepq.json").read_text())
+    assert prov["fallbacks"] == [f"blk.{i}.ffn_down_shexp.weight" for i in (2, 3, 4)]
+    for name in prov["fallbacks"]:
+        assert prov["tensors"][name]["fallback"] == {"from": "Q8_0", "to": "F16", "row": 200, "block": 32}
+    assert all(d["type"] in ("Q8_0", "F32") for n, d in prov["tensors"].items() if n not in prov["fallbacks"])
+    ppl = perplexity(files[0], EVAL_TEXT, 128, 2)
+    assert math.isfinite(ppl) and ppl > 1
+
+
+def test_recipe_fallback_table_and_imatrix_rule():
+    # llama.cpp's tensor_type_fallback: block 256 types -> a 32-block type, F16 when that does not fit either
+    assert [fallback_type(t, 160) for t in ("IQ2_XS", "IQ4_XS", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")] == \
+        ["IQ4_NL", "IQ4_NL", "Q4_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q8_0"]
+    assert [fallback_type(t, 200) for t in ("IQ2_XS", "Q4_K", "Q8_0", "BF16")] == ["F16", "F16", "F16", "BF16"]
+    assert fallback_type("Q4_K", 4096) == "Q4_K"
+    r = recipe_for("Q3_K_M", (5, 6), n_embd=160)
+    assert r.llama_quantize_args()[:4] == ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
+    # imatrix-only types: refused without one, in one line naming the type; a draft-only file of them is not
+    # (its MTP blocks are Q8_0, and llama.cpp exempts embeddings/output)
+    for qtype in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M"):
+        with pytest.raises(BadInput, match=rf"^{qtype} needs an importance matrix: pass --imatrix \(calibrates "
+                                           rf"first\)$"):
+            recipe_for(qtype.lower())
+        assert recipe_for(qtype, imatrix=True).imatrix is True
+        assert recipe_for(qtype, mtp_only=True).imatrix_only_types(mtp_only=True) == []
+    assert recipe_for("IQ3_S").imatrix_only_types() == []

@@ -1,8 +1,9 @@
 """llama.cpp imatrix from stepq's calibration statistics (`convert.gguf_imatrix.write_imatrix`).
 
 - the file reads back (gguf-py) with exactly the statistics' sums and token counts, per expert for `*_exps`;
-- `llama-quantize --imatrix` accepts it for a type that requires an imatrix (IQ2_XS refuses to run without one) and
-  `llama-perplexity` runs on the result;
+- `llama-quantize --imatrix` accepts it for a type that requires an imatrix (IQ2_XS refuses to run without one);
+- `stepq quantize --qtype IQ2_XS` refuses in one line without `--imatrix`, and with stepq's statistics writes the
+  MoE-aware IQ2_XS mix (types read back = the recipe's) that `llama-perplexity` runs on held-out text;
 - against `llama-imatrix` on the same calibration text: ours has every entry llama-imatrix writes (same names and
   layout), and the KL divergence vs the BF16 GGUF of Q4_K_M with ours is finite and not worse than without an
   imatrix beyond noise. The table (no imatrix / llama-imatrix / ours) is printed (`pytest -s`).
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 from pathlib import Path
 
@@ -27,17 +27,15 @@ from convert.checkpoint import open_checkpoint
 from convert.fixtures import BUNDLED_FIXTURE
 from convert.gguf_export import write_gguf
 from convert.gguf_imatrix import imatrix_entries, write_imatrix
+from convert.gguf_kld import kld, kld_base, llama_imatrix, perplexity, quantize, threads
 from convert.gguf_tools import llama_cpp_dir, run, tool
 from stepq.calibrate import calibrate
+from stepq.gguf import export_gguf, read_tensor_types
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "fixtures" / "tiny-step35-data"
 CALIB_N, CALIB_LEN = 16, 256  # stepq calibration: 16 x 256 tokens of calib.txt; llama-imatrix: -c 256 --chunks 16
 KLD_CTX, KLD_CHUNKS = 256, 8  # KLD on 8 x 256 tokens of eval.txt
-THREADS = 2
-
-KLD_RE = re.compile(r"Mean\s+KLD:\s+([-\d.eE+]+)\s+±\s+([-\d.eE+]+)")
-PPL_RE = re.compile(r"Final estimate: PPL = ([-\d.eE+naif]+)")
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -81,22 +79,6 @@ def eval_text(work) -> Path:
     p = work / "eval-head.txt"
     p.write_text(text[:8 * KLD_CTX * KLD_CHUNKS])  # the fixture tokenizer: ~6 bytes per token
     return p
-
-
-def _tool_output(name: str, args: list, pattern: re.Pattern, tries: int = 3) -> re.Match:
-    """llama.cpp's asynchronous logger sometimes loses the last lines at exit (exit code 0): run again."""
-    out = ""
-    for _ in range(tries):
-        p = run(name, [*args, "-t", THREADS])
-        out = p.stdout + p.stderr
-        if m := pattern.search(out):
-            return m
-    raise AssertionError(f"{name} {args}: no {pattern.pattern!r} in its output:\n{out[-2000:]}")
-
-
-def _quantize(src: Path, dst: Path, qtype: str, imatrix: Path | None) -> Path:
-    run("llama-quantize", [*(["--imatrix", imatrix] if imatrix else []), src, dst, qtype, THREADS])
-    return dst
 
 
 def _read(path: Path) -> tuple[gguf.GGUFReader, dict[str, np.ndarray]]:
@@ -163,31 +145,63 @@ def test_imatrix_values_equal_statistics(stats, ours, work):
 
 # -- 2. llama.cpp uses it where an imatrix is required --------------------------------------------------------------
 
-def test_llama_quantize_accepts_for_imatrix_only_type(llama_cpp, ours, bf16, eval_text, work):
-    # without an imatrix llama-quantize refuses IQ2_XS
-    p = subprocess.run([str(tool("llama-quantize")), bf16, work / "none-IQ2_XS.gguf", "IQ2_XS", str(THREADS)],
+def test_llama_quantize_requires_imatrix_for_iq2(llama_cpp, ours, bf16, work):
+    # without an imatrix llama-quantize refuses IQ2_XS; with ours it reads every entry
+    p = subprocess.run([str(tool("llama-quantize")), bf16, work / "none-IQ2_XS.gguf", "IQ2_XS", str(threads())],
                        capture_output=True, text=True, errors="replace", check=False)
     assert p.returncode != 0 and "requires an imatrix" in p.stdout + p.stderr
-    out = run("llama-quantize", ["--imatrix", ours, bf16, work / "ours-IQ2_XS.gguf", "IQ2_XS", THREADS])
+    out = run("llama-quantize", ["--imatrix", ours, bf16, work / "ours-IQ2_XS.gguf", "IQ2_XS", threads()])
     log = out.stdout + out.stderr
     assert "loaded 73 importance matrix entries" in log, log[-2000:]
     assert "did not find weights" not in log.replace("did not find weights for token_embd.weight", "")
     r = gguf.GGUFReader(work / "ours-IQ2_XS.gguf")
-    types = {t.name: t.tensor_type.name for t in r.tensors}
-    assert types["blk.2.ffn_gate_exps.weight"] == "IQ2_XS"
     assert r.fields["quantize.imatrix.entries_count"].contents() == 73
-    # a few hundred tokens of held-out text: 3 x 128
-    m = _tool_output("llama-perplexity", ["-m", work / "ours-IQ2_XS.gguf", "-f", eval_text, "-c", 128,
-                                          "--chunks", 3], PPL_RE)
-    assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 1
+
+
+IQ2_XS_MIX = {"experts_gate": "IQ2_XS", "experts_up": "IQ2_XS", "experts_down": "IQ2_S", "router": "F32",
+              "router_bias": "F32", "norm": "F32", "rope_freqs": "F32"}  # everything else Q6_K, MTP head Q8_0
+
+
+def test_iq2_xs_export_with_stepq_imatrix(llama_cpp, stats, eval_text, work, capsys):
+    """`stepq quantize --qtype IQ2_XS`: refused in one line without --imatrix; with stepq's statistics the
+    MoE-aware IQ2_XS mix is written, reads back with the recipe's types, and llama.cpp runs it."""
+    from stepq.cli import main
+
+    assert main(["quantize", str(BUNDLED_FIXTURE), "--scheme", "gguf", "--qtype", "IQ2_XS",
+                 "--out", str(work / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err == "stepq: error: IQ2_XS needs an importance matrix: pass --imatrix (calibrates first)\n"
+    assert not (work / "refused").exists()
+
+    out = export_gguf(BUNDLED_FIXTURE, work / "out", "IQ2_XS", imatrix=stats)
+    files = sorted(out.glob("*.gguf"))
+    prov = json.loads((out / "stepq.json").read_text())
+    assert prov["recipe"]["imatrix"] == "stepq calibration statistics"
+    assert prov["imatrix"]["statistics_sha256"] == stats.sha256
+    types = read_tensor_types(files)
+    assert set(types) == set(prov["tensors"])
+    for name, d in prov["tensors"].items():
+        if "norm" in d["role"]:  # norm, mtp_enorm, mtp_hnorm, mtp_head_norm
+            expect = "F32"
+        elif d["mtp"]:
+            expect = "Q8_0"  # the whole MTP head above the routed experts
+        else:
+            expect = IQ2_XS_MIX.get(d["role"], "Q6_K")
+        assert types[name] == d["type"] == d["requested"] == expect, (name, d)
+    assert {types["token_embd.weight"], types["output.weight"], types["blk.1.attn_q.weight"],
+            types["blk.3.ffn_down_shexp.weight"]} == {"Q6_K"}
+    r = gguf.GGUFReader(files[0])
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_IQ2_XS
+    assert r.fields["quantize.imatrix.entries_count"].contents() == 73
+    # runs in llama.cpp on held-out text: 3 x 128 tokens of eval.txt
+    ppl = perplexity(files[0], eval_text, 128, 3)
+    assert math.isfinite(ppl) and ppl > 1
 
 
 # -- 3. against llama-imatrix ---------------------------------------------------------------------------------------
 
 def test_kld_against_llama_imatrix(llama_cpp, ours, bf16, eval_text, work, capsys):
-    theirs = work / "llama.imatrix.gguf"
-    run("llama-imatrix", ["-m", bf16, "-f", DATA / "calib.txt", "-c", CALIB_LEN, "--chunks", CALIB_N, "--no-ppl",
-                          "-o", theirs, "-t", THREADS])
+    theirs = llama_imatrix(bf16, DATA / "calib.txt", CALIB_LEN, CALIB_N, work / "llama.imatrix.gguf")
     # same names and layout for everything llama-imatrix records (it never runs the MTP blocks, and `output`
     # only with --process-output: ours has those in addition)
     _, lt = _read(theirs)
@@ -200,13 +214,12 @@ def test_kld_against_llama_imatrix(llama_cpp, ours, bf16, eval_text, work, capsy
             assert lt[n].sum() == pytest.approx(ot[n].sum(), rel=0.01), n
 
     base = work / "bf16.kld"
-    _tool_output("llama-perplexity", ["-m", bf16, "-f", eval_text, "-c", KLD_CTX, "--chunks", KLD_CHUNKS,
-                                      "--kl-divergence-base", base], PPL_RE)
+    kld_base(bf16, eval_text, KLD_CTX, KLD_CHUNKS, base)
     rows = {}
     for label, im in (("no imatrix", None), ("llama-imatrix", theirs), ("stepq (ours)", ours)):
-        q = _quantize(bf16, work / f"Q4_K_M-{label.split()[0]}.gguf", "Q4_K_M", im)
-        m = _tool_output("llama-perplexity", ["-m", q, "--kl-divergence-base", base, "--kl-divergence"], KLD_RE)
-        rows[label] = (float(m.group(1)), float(m.group(2)))
+        q = quantize(bf16, work / f"Q4_K_M-{label.split()[0]}.gguf", "Q4_K_M", im)
+        r = kld(q, base)
+        rows[label] = (r["kld_mean"], r["kld_mean_se"])
     with capsys.disabled():
         print(f"\nQ4_K_M mean KLD vs BF16 ({KLD_CHUNKS} x {KLD_CTX} tokens of eval.txt):")
         for label, (k, se) in rows.items():
