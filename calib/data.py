@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from convert.config import SIDE_FILES, model_file
 from convert.errors import BadInput
 from convert.fixtures import BUNDLED_FIXTURE
 from convert.hashing import file_sha256
@@ -239,12 +240,15 @@ class _HubRows:
 
 def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
+    for f in {*TOKENIZER_FILES, *SIDE_FILES}:  # BadInput for a file that is a symlink out of the model folder
+        model_file(model_dir, f)
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         raise BadInput(f"{model_dir}: no tokenizer in the model folder ({' / '.join(TOKENIZER_FILES[:2])} missing)")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        # trust_remote_code=False: a tokenizer_config.json `auto_map` must never run code from the model folder
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError/OSError/... for broken tokenizer files
         raise BadInput(f"{model_dir / 'tokenizer.json'}: cannot load the tokenizer ({e.__class__.__name__}: "
                        f"{str(e).splitlines()[0]})")

@@ -13,21 +13,26 @@ as JSON in the safetensors metadata).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
 
 from calib.data import open_source, resolve_settings
-from calib.reference import to_checkpoint_names
 from convert.config import Step35Config
 from convert.errors import BadInput
 from convert.hashing import file_sha256
+
+if TYPE_CHECKING:
+    from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
+
+log = logging.getLogger("stepq.calib")
 
 FORMAT_VERSION = 1
 META_KEY = "stepq_calibration"
@@ -81,6 +86,8 @@ class StatsCollector:
 
     def module_name(self, ref_name: str) -> str:
         """ReferenceModel module name -> checkpoint module name (`mlp.shared_experts.x` -> `share_expert.x`, ...)."""
+        from calib.reference import to_checkpoint_names  # transformers' model code: seconds to import, only here
+
         (name,) = to_checkpoint_names({ref_name + ".weight": None}, self.config.raw)
         return name.removesuffix(".weight")
 
@@ -94,6 +101,8 @@ class StatsCollector:
         self.acc[name].add(reduced if reduced is not None else _reduce(x), expert)
 
     def attach(self, module: nn.Module, prefix: str, layer: int) -> None:
+        from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
+
         for path, m in module.named_modules():
             if path.endswith("shared_head.output"):
                 continue  # the stream reports MTP head inputs via head_input, logits or not
@@ -177,21 +186,26 @@ def model_fingerprint(model_dir: str | Path) -> dict:
 def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Atomic: temp file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+        os.chmod(tmp, 0o644)  # safetensors creates its files 0600; statistics are shared like artifacts
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # disk full, file size limit: one line, and no half-written file left behind
+        raise BadInput(f"{path}: cannot write the statistics file ({e.strerror or e}); nothing kept")
+    except SafetensorError as e:  # how safetensors reports a failed write ("I/O error: File too large")
+        raise BadInput(f"{path}: cannot write the statistics file ({str(e).splitlines()[0]}); nothing kept")
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return path
 
 
@@ -282,6 +296,27 @@ class CalibStats:
 
     def experts_without_tokens(self, layer: int) -> list[int]:
         return list(self.meta["experts_without_tokens"].get(str(layer), []))
+
+    def check_source(self, model_dir) -> None:
+        """BadInput when this file was computed from another model: another config.json, or shards that differ in
+        name, size or (where both sides know it) sha256. A shard known only by its mtime may have been copied, so a
+        differing mtime only warns."""
+        src, mine = self.meta.get("source") or {}, model_fingerprint(model_dir)
+        where = f"{self.path}: statistics computed from another model"
+        if src.get("config_sha256") != mine["config_sha256"]:
+            raise BadInput(f"{where} (config.json differs from {Path(model_dir) / 'config.json'}; "
+                           f"computed from {src.get('path', '?')})")
+        theirs = src.get("shards") or {}
+        if sorted(theirs) != sorted(mine["shards"]):
+            raise BadInput(f"{where} (shards {sorted(theirs)} vs {sorted(mine['shards'])} in {model_dir})")
+        for name, ident in mine["shards"].items():
+            other = theirs[name]
+            if other.get("size") != ident["size"] or ("sha256" in other and "sha256" in ident
+                                                      and other["sha256"] != ident["sha256"]):
+                raise BadInput(f"{where} ({Path(model_dir) / name} has other contents)")
+            if "mtime_ns" in other and "mtime_ns" in ident and other["mtime_ns"] != ident["mtime_ns"]:
+                log.warning("%s: %s changed on disk since calibration (same size); using the statistics anyway",
+                            self.path, Path(model_dir) / name)
 
     def matches(self, model_dir, dataset: str | None, n: int | None, seq_len: int | None, seed: int,
                 all_experts: bool) -> bool:

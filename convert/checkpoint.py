@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from convert.arch.step35 import TensorInfo, classify, expected_tensors
-from convert.config import Step35Config, load_config
+from convert.config import SIDE_FILES, Step35Config, load_config, model_file, model_roots
 from convert.errors import BadInput
 from convert.safetensors_io import Entry, SafetensorsFile
 
@@ -50,18 +50,29 @@ class Checkpoint:
     def shard_path(self, shard: str) -> Path:
         return self.dir / shard
 
+    def shard_identity(self, shard: str) -> dict:
+        """What says a shard is unchanged without reading it: a Hub cache blob is named by its sha256; a plain file
+        by its size, modification time and header hash (what a resumed run compares)."""
+        path, f = self.dir / shard, self.shards[shard]
+        real = path.resolve()
+        if path.is_symlink() and real.parent.name == "blobs" and len(real.name) == 64:
+            return {"sha256": real.name}
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": f.header_sha256}
+
     def close(self) -> None:
         for f in self.shards.values():
             f.close()
 
 
-def _safe_relative(model_dir: Path, rel: str, where: Path) -> str:
+def _safe_relative(model_dir: Path, rel: str, where: Path, tensor: str | None = None) -> str:
     """A shard path from an index must stay inside the model folder, even through symlinks."""
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or rel.strip() == "":
-        raise BadInput(f"{where}: weight_map path {rel!r} leaves the model folder")
+        what = f"tensor {tensor}: " if tensor else ""
+        raise BadInput(f"{where}: {what}weight_map path {rel!r} leaves the model folder")
     real = (model_dir / p).resolve()
-    if not real.is_relative_to(model_dir.resolve()):
+    if not any(real.is_relative_to(r) for r in model_roots(model_dir)):
         raise BadInput(f"{model_dir / p}: symlink points outside the model folder ({real})")
     return p.as_posix()
 
@@ -76,7 +87,7 @@ def _weight_map(model_dir: Path) -> dict[str, str] | None:
         raise BadInput(f"{index}: not a valid safetensors index ({e.__class__.__name__}: {e})")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise BadInput(f"{index}: weight_map must map tensor names to file names")
-    return {name: _safe_relative(model_dir, rel, index) for name, rel in wm.items()}
+    return {name: _safe_relative(model_dir, rel, index, name) for name, rel in wm.items()}
 
 
 def _shard_names(model_dir: Path, weight_map: dict[str, str] | None) -> list[str]:
@@ -86,10 +97,20 @@ def _shard_names(model_dir: Path, weight_map: dict[str, str] | None) -> list[str
     if not names:
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
+            # No --allow-pickle on purpose: loading a pickle runs code (torch.load's weights_only guard has had
+            # bypasses, CVE-2025-32434), and Step-3.5 is published as safetensors.
             raise BadInput(f"{model_dir}: only pickle weights ({', '.join(pickles[:3])}); stepq reads safetensors "
-                           f"only and never unpickles")
+                           f"only and never unpickles (convert them to safetensors in a sandbox first)")
         raise BadInput(f"{model_dir}: no *.safetensors files")
     return [_safe_relative(model_dir, n, model_dir) for n in names]
+
+
+def _undeclared_hint(name: str, cfg: Step35Config) -> str:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= cfg.num_layers:
+        return (f"; config.json declares {cfg.num_trunk_layers} layers + {cfg.num_mtp_layers} MTP "
+                f"(num_nextn_predict_layers), an undeclared MTP layer?")
+    return ""
 
 
 def open_checkpoint(model_dir: str | Path) -> Checkpoint:
@@ -97,6 +118,8 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     if not model_dir.is_dir():
         raise BadInput(f"{model_dir}: not a directory")
     cfg = load_config(model_dir)
+    for name in SIDE_FILES:  # read by the tokenizer or copied into artifacts: must not lead out of the folder
+        model_file(model_dir, name)
     weight_map = _weight_map(model_dir)
     shards: dict[str, SafetensorsFile] = {}
     try:
@@ -126,13 +149,19 @@ def _index_tensors(model_dir: Path, cfg: Step35Config, shards: dict[str, Safeten
         for name, shard in weight_map.items():
             if name not in located:
                 raise BadInput(f"{model_dir / shard}: tensor {name}: listed in {INDEX_NAME} but not in the shard")
-    tensors = {name: SourceTensor(classify(name, cfg), shards[shard].entries[name], shard)
-               for name, shard in located.items()}
+    tensors = {}
+    for name, shard in located.items():
+        try:
+            info = classify(name, cfg)
+        except BadInput as e:  # the role table knows the tensor, not where it came from
+            raise BadInput(f"{model_dir / shard}: {e}{_undeclared_hint(name, cfg)}")
+        tensors[name] = SourceTensor(info, shards[shard].entries[name], shard)
+    listing = model_dir / INDEX_NAME if weight_map is not None else model_dir
     for spec in expected_tensors(cfg):
         name = spec.info.name
         if name not in tensors:
             what = "MTP layer declared by num_nextn_predict_layers but" if spec.info.mtp else "expected by config.json but"
-            raise BadInput(f"{model_dir}: tensor {name}: {what} missing from the checkpoint")
+            raise BadInput(f"{listing}: tensor {name}: {what} missing from the checkpoint")
         t = tensors[name]
         if t.entry.shape != spec.shape:
             raise BadInput(f"{model_dir / t.shard}: tensor {name}: shape {list(t.entry.shape)} disagrees with "

@@ -9,6 +9,9 @@ from pathlib import Path
 from convert.errors import BadInput
 
 SUPPORTED_MODEL_TYPES = ("step3p5",)
+# Files of a model folder besides weights and config that stages read or copy into artifacts.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,39 @@ def parse_config(raw: dict, path: Path) -> Step35Config:
         raise BadInput(f"{path}: malformed value ({e})")
 
 
+def model_roots(model_dir: str | Path) -> list[Path]:
+    """Where the files of a model folder may really live: the folder itself and, for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<rev>/`, whose files are symlinks to `../../blobs/<sha256>`), that repo's blobs."""
+    root = Path(model_dir).resolve()
+    return [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+
+
+def model_name(model_dir: str | Path) -> str:
+    """The model's name for output folders: the folder's name, or for a Hugging Face cache snapshot
+    (`models--org--name/snapshots/<commit>/`) the repo's name, not the commit hash."""
+    root = Path(model_dir).resolve()
+    repo = root.parent.parent.name
+    if root.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo.removeprefix("models--").split("--", 1)[1]  # Hub user/org names cannot hold "--"
+    return root.name
+
+
+def model_file(model_dir: str | Path, name: str) -> Path | None:
+    """`model_dir/name` if it is a file that stays inside the model folder once symlinks are followed, None if it
+    does not exist; BadInput if it leads elsewhere (a file copied into an artifact or parsed must not come from
+    outside the folder the user named)."""
+    path = Path(model_dir) / name
+    if not path.is_file():
+        return None
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in model_roots(model_dir)):
+        raise BadInput(f"{path}: symlink points outside the model folder ({real})")
+    return path
+
+
 def load_config(model_dir: Path) -> Step35Config:
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if model_file(model_dir, "config.json") is None:
         raise BadInput(f"{path}: no config.json in the model folder")
     try:
         raw = json.loads(path.read_text())

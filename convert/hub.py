@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from convert.checkpoint import open_checkpoint
+from convert.config import SIDE_FILES
 from convert.errors import BadInput
 
 # Weights only as safetensors: pickled weights (*.bin, *.pt) are never downloaded, let alone loaded.
@@ -13,8 +15,7 @@ ALLOW_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "*.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "*.md",
 ]
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt"]
+TOKENIZER_FILES = list(SIDE_FILES)
 
 
 def is_hub_id(model: str) -> bool:
@@ -28,6 +29,8 @@ def pull(model: str, revision: str | None = None, cache_dir: str | None = None) 
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+        # httpx logs every request at INFO, which the CLI's log level would print: one line per file fetched
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         try:
             folder = Path(snapshot_download(model, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                             cache_dir=cache_dir))

@@ -1,14 +1,25 @@
-"""Sharded safetensors artifact writer: planned headers, streamed data, atomic publication of the folder.
+"""Sharded safetensors artifact writer: planned headers, streamed data, resumable progress, atomic publication.
 
 The caller declares every output tensor first (`plan`), typically from a meta-device dry run, so each shard's
 header is written before its data and tensors (or one expert's slice of a 3-D stack) go straight to their offset
-with pwrite: no shard or stack is ever held in memory. The
-folder is built under a hidden temporary name and renamed into place only after every file is fsynced.
+with pwrite: no shard or stack is ever held in memory. The folder is built under a hidden temporary name and
+renamed into place only after every file is fsynced.
+
+Resume (`resumable=True`): the temporary folder has a fixed name, `.<name>.partial` (the output lock, not the pid,
+keeps runs apart), and holds `.progress.jsonl`: the plan's identity, then one line per finished unit of work with
+the caller's key for it (a hash of its inputs and settings) and the sha256 of every output tensor it wrote. A re-run
+with the same plan reopens the shard files and skips each unit whose key is unchanged and whose bytes still hash to
+what was recorded; everything else is written again, in place. Lines are appended without fsync: a line that outlived
+its data (power loss) fails the hash check and its unit is redone.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -23,6 +34,15 @@ from convert.errors import BadInput
 from convert.safetensors_io import DTYPE_NAMES
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+PROGRESS_NAME = ".progress.jsonl"
+PROGRESS_VERSION = 1
+HASH_CHUNK = 64 << 20
+log = logging.getLogger("stepq.writer")
+
+
+class WriteFailed(BadInput):
+    """Writing the output failed (disk full, file size limit, I/O error). Not the input's fault, but reported the
+    same way: one line naming the file, exit code 2. Finished work stays in the temporary folder for a resume."""
 
 
 @dataclass(frozen=True)
@@ -44,49 +64,122 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-class AtomicDir:
-    """Build a folder under a hidden `.<name>.partial-<pid>` name; publish it by rename only when complete and
-    fsynced. An existing folder is replaced only with `force`, and stays until its replacement is complete."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
 
-    def __init__(self, final_dir: str | Path, force: bool = False):
-        self.final, self.force = Path(final_dir), force
-        self.tmp = self.final.parent / f".{self.final.name}.partial-{os.getpid()}"
+
+class AtomicDir:
+    """Build a folder under a hidden temporary name; publish it by rename only when complete and fsynced. An
+    existing folder is replaced only with `force`, and stays until its replacement is complete (swapped in one
+    atomic exchange where the system has one).
+
+    Temporary name: `.<name>.partial-<pid>`, removed on any error; with `resumable`, `.<name>.partial`, kept on
+    an error that is not bad input once `keep_on_error` is set (by a writer that finished some work), so the same
+    command can resume. `force` always starts from an empty temporary folder."""
+
+    def __init__(self, final_dir: str | Path, force: bool = False, resumable: bool = False):
+        self.final, self.force, self.resumable = Path(final_dir), force, resumable
+        suffix = "partial" if resumable else f"partial-{os.getpid()}"
+        self.tmp = self.final.parent / f".{self.final.name}.{suffix}"
+        self.keep_on_error = False
+        self.resuming = False
+        self.scratch: list[str] = []  # bookkeeping files of the temporary folder, dropped just before the rename
 
     def __enter__(self) -> Path:
         if self.final.exists() and not self.force:
             raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            if self.resumable and not self.force and self.tmp.is_dir():
+                self.resuming = True  # whoever resumes checks what is inside
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp.mkdir()
+        except OSError as e:
+            raise WriteFailed(f"{e.filename or self.tmp}: cannot create the output folder ({e.strerror})")
         return self.tmp
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            bad_input = issubclass(exc_type, BadInput) and not issubclass(exc_type, WriteFailed)
+            if bad_input or not self.keep_on_error:
+                self.discard()
             return
         try:
             self.publish()
+        except OSError as e:
+            if not self.keep_on_error:
+                self.discard()
+            raise WriteFailed(f"{e.filename or self.final}: cannot publish the output ({e.strerror})")
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.keep_on_error:
+                self.discard()
             raise
 
     def publish(self) -> None:
         for p in self.tmp.iterdir():
             fsync_path(p)
+        # Last moment before the rename, so a crash anywhere earlier still finds the bookkeeping to resume with.
+        for name in self.scratch:
+            (self.tmp / name).unlink(missing_ok=True)
         fsync_path(self.tmp)
-        old = None
         if self.final.exists():
+            if _exchange(self.tmp, self.final):
+                fsync_path(self.final.parent)
+                shutil.rmtree(self.tmp, ignore_errors=True)  # now the old folder
+                return
             old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
             self.final.rename(old)
+            self.tmp.rename(self.final)
+            fsync_path(self.final.parent)
+            shutil.rmtree(old, ignore_errors=True)
+            return
         self.tmp.rename(self.final)
         fsync_path(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def _shard_layout(specs: list[OutSpec], max_shard_bytes: int) -> list[tuple[bytes, list[tuple[OutSpec, int]]]]:
+    """Greedy fill up to `max_shard_bytes` -> per shard: (header bytes, [(spec, data offset)])."""
+    groups: list[list[OutSpec]] = []
+    used = 0
+    for s in specs:
+        if not groups or (used and used + s.nbytes > max_shard_bytes):
+            groups.append([])
+            used = 0
+        groups[-1].append(s)
+        used += s.nbytes
+    shards = []
+    for members in groups:
+        header, offset, layout = {"__metadata__": {"format": "pt"}}, 0, []
+        for s in members:
+            header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            layout.append((s, offset))
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte alignment for mmap'd readers
+        shards.append((struct.pack("<Q", len(raw)) + raw, layout))
+    return shards
 
 
 class ArtifactWriter:
-    def __init__(self, final_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False):
-        self._dir = AtomicDir(final_dir, force)
+    def __init__(self, final_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
+                 resumable: bool = False):
+        self._dir = AtomicDir(final_dir, force, resumable)
+        self._dir.scratch.append(PROGRESS_NAME)
         self.final, self.tmp = self._dir.final, self._dir.tmp
         self.max_shard_bytes = max_shard_bytes
         self._specs: list[OutSpec] = []
@@ -95,6 +188,10 @@ class ArtifactWriter:
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int, OutSpec]] = {}
         self._written: dict[str, int] = {}
+        self._progress_fd: int | None = None
+        self._committed: dict[str, dict] = {}  # unit -> its record, from an earlier run
+        self._memos: dict[tuple[str, str], object] = {}
+        self.reused_units = 0
 
     def __enter__(self) -> ArtifactWriter:
         self._dir.__enter__()
@@ -107,52 +204,99 @@ class ArtifactWriter:
             except BaseException as e:
                 self._abort()
                 self._dir.__exit__(type(e), e, e.__traceback__)
+                if isinstance(e, OSError):
+                    raise self._write_failed(e, self.tmp) from e
                 raise
         else:
             self._abort()
         self._dir.__exit__(exc_type, exc, tb)
 
     def _abort(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds + ([self._progress_fd] if self._progress_fd is not None else []):
             os.close(fd)
-        self._fds = []
+        self._fds, self._progress_fd = [], None
+
+    def _write_failed(self, e: OSError, where: Path | str) -> WriteFailed:
+        kept = (f"finished work kept in {self.tmp}: re-run the same command to resume, --force to start over"
+                if self._dir.keep_on_error else "nothing kept")
+        return WriteFailed(f"{e.filename or where}: cannot write ({e.strerror}); {kept}")
 
     # -- planning ---------------------------------------------------------------------------------------
     def plan(self, specs: list[OutSpec]) -> None:
         """Fix every tensor's shard and offset (greedy fill up to `max_shard_bytes`); create the shard files with
-        their headers and their full size reserved, so a full disk shows up here rather than mid-conversion."""
+        their headers and their full size reserved, so a full disk shows up here rather than mid-conversion.
+        Resuming: reopen the shard files of an earlier run of this very plan instead."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate output tensor names in the plan")
-        shards: list[list[OutSpec]] = []
-        used = 0
-        for s in specs:
-            if not shards or (used and used + s.nbytes > self.max_shard_bytes):
-                shards.append([])
-                used = 0
-            shards[-1].append(s)
-            used += s.nbytes
+        shards = _shard_layout(specs, self.max_shard_bytes)
         self._shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for shard_name, members in zip(self._shard_names, shards):
-            header, offset, layout = {"__metadata__": {"format": "pt"}}, 0, []
-            for s in members:
-                header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
-                                  "data_offsets": [offset, offset + s.nbytes]}
-                layout.append((s, offset))
-                offset += s.nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte alignment for mmap'd readers
-            fd = os.open(self.tmp / shard_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            head = struct.pack("<Q", len(raw)) + raw
-            if len(head) + offset:
-                os.posix_fallocate(fd, 0, len(head) + offset)
-            os.pwrite(fd, head, 0)
+        plan_id = hashlib.sha256(b"".join(head for head, _ in shards)).hexdigest()
+        try:
+            if not (self._dir.resuming and self._reopen(shards, plan_id)):
+                self._create(shards, plan_id)
+        except OSError as e:
+            self._abort()
+            raise self._write_failed(e, self.tmp) from e
+        for fd, (head, layout) in zip(self._fds, shards):
             for s, off in layout:
                 self._where[s.name] = (fd, len(head) + off, s)
-                self._written[s.name] = 0
+                self._written.setdefault(s.name, 0)
         self._specs = list(specs)
-        self._weight_map = {s.name: n for n, members in zip(self._shard_names, shards) for s in members}
+        self._weight_map = {s.name: n for n, (_, layout) in zip(self._shard_names, shards) for s, _ in layout}
+
+    def _create(self, shards, plan_id: str) -> None:
+        if self._dir.resuming:
+            log.info("%s: earlier partial output is for another plan (or unusable); starting over", self.tmp)
+            for p in self.tmp.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for shard_name, (head, layout) in zip(self._shard_names, shards):
+            fd = os.open(self.tmp / shard_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            size = len(head) + sum(s.nbytes for s, _ in layout)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                os.pwrite(fd, head, 0)
+            except OSError as e:
+                e.filename = e.filename or str(self.tmp / shard_name)
+                raise
+        if self._dir.resumable:
+            self._progress_fd = os.open(self.tmp / PROGRESS_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                                        0o644)
+            self._append({"stepq_progress": PROGRESS_VERSION, "plan": plan_id, "shards": self._shard_names})
+
+    def _reopen(self, shards, plan_id: str) -> bool:
+        records = _read_progress(self.tmp / PROGRESS_NAME)
+        if not records or records[0].get("plan") != plan_id or records[0].get("stepq_progress") != PROGRESS_VERSION:
+            return False
+        fds, intact = [], False
+        try:
+            for shard_name, (head, layout) in zip(self._shard_names, shards):
+                path = self.tmp / shard_name
+                size = len(head) + sum(s.nbytes for s, _ in layout)
+                if not path.is_file() or path.stat().st_size != size:
+                    return False
+                fds.append(os.open(path, os.O_RDWR))
+                if os.pread(fds[-1], len(head), 0) != head:
+                    return False
+            intact = True
+        finally:
+            if not intact:
+                for fd in fds:
+                    os.close(fd)
+        self._fds = fds
+        for p in self.tmp.iterdir():  # config, tokenizer, provenance of the earlier run: rewritten at the end
+            if p.name not in self._shard_names and p.name != PROGRESS_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for r in records[1:]:
+            if "unit" in r:
+                self._committed[r["unit"]] = r
+            elif "memo" in r:
+                self._memos[(r["memo"], r["key"])] = r["value"]
+        self._progress_fd = os.open(self.tmp / PROGRESS_NAME, os.O_WRONLY | os.O_APPEND)
+        self._dir.keep_on_error = bool(self._committed)
+        log.info("%s: resuming (%d finished units recorded)", self.tmp, len(self._committed))
+        return True
 
     # -- streaming --------------------------------------------------------------------------------------
     def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> None:
@@ -173,21 +317,83 @@ class ArtifactWriter:
         if flat.numel():
             data = flat.view(torch.uint8).numpy().data
             done = 0
-            while done < len(data):  # pwrite may write less than asked
-                done += os.pwrite(fd, data[done:], offset + start + done)
+            try:
+                while done < len(data):  # pwrite may write less than asked
+                    done += os.pwrite(fd, data[done:], offset + start + done)
+            except OSError as e:
+                raise self._write_failed(e, self.tmp / self._weight_map[name]) from e
             self._written[name] += len(data)
 
+    # -- progress (resumable writers) ----------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        os.write(self._progress_fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+
+    def _region_sha256(self, name: str) -> str:
+        fd, offset, spec = self._where[name]
+        h = hashlib.sha256()
+        for pos in range(0, spec.nbytes, HASH_CHUNK):
+            h.update(os.pread(fd, min(HASH_CHUNK, spec.nbytes - pos), offset + pos))
+        return h.hexdigest()
+
+    def reuse(self, unit: str, key: str, outputs: list[str]) -> bool:
+        """True when an earlier run finished `unit` with the same `key` (inputs + settings) and the bytes of its
+        `outputs` still hash to what it recorded; they then count as written."""
+        rec = self._committed.get(unit)
+        if rec is None:
+            return False
+        if rec["key"] != key or sorted(rec["outputs"]) != sorted(outputs):
+            log.info("%s: inputs or settings changed since the earlier run; converting it again", unit)
+            return False
+        for name in outputs:
+            if self._region_sha256(name) != rec["outputs"][name]:
+                log.warning("%s: output %s differs from what the earlier run recorded; converting it again",
+                            unit, name)
+                return False
+        for name in outputs:
+            self._written[name] = self._where[name][2].nbytes
+        self.reused_units += 1
+        return True
+
+    def commit(self, unit: str, key: str, outputs: list[str]) -> None:
+        """Record `unit` as finished: from here on an interrupted run keeps its temporary folder to resume."""
+        if self._progress_fd is None:
+            return
+        try:
+            self._append({"unit": unit, "key": key, "outputs": {n: self._region_sha256(n) for n in outputs}})
+        except OSError as e:
+            raise self._write_failed(e, self.tmp / PROGRESS_NAME) from e
+        self._dir.keep_on_error = True
+
+    def memo(self, kind: str, key: str, compute):
+        """`compute()`, remembered in the progress file under (kind, key): for slow derived facts (e.g. the sha256
+        of a 5 GB source shard) that a resumed run should not recompute."""
+        if (kind, key) not in self._memos:
+            self._memos[(kind, key)] = compute()
+            if self._progress_fd is not None:
+                self._append({"memo": kind, "key": key, "value": self._memos[(kind, key)]})
+        return self._memos[(kind, key)]
+
+    # -- the rest of the folder ---------------------------------------------------------------------------
     def _close_shards(self) -> None:
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
         self._fds = []
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
 
     def write_json(self, rel: str, obj) -> None:
-        (self.tmp / rel).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        try:
+            (self.tmp / rel).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        except OSError as e:
+            raise self._write_failed(e, self.tmp / rel) from e
 
     def copy_file(self, src: Path, rel: str | None = None) -> None:
-        shutil.copyfile(src, self.tmp / (rel or src.name))
+        try:
+            shutil.copyfile(src, self.tmp / (rel or src.name))
+        except OSError as e:
+            raise self._write_failed(e, self.tmp / (rel or src.name)) from e
 
     @property
     def shard_names(self) -> list[str]:
@@ -200,3 +406,20 @@ class ArtifactWriter:
                 raise ValueError(f"tensor {s.name}: {self._written[s.name]} of {s.nbytes} planned bytes written")
         total = sum(s.nbytes for s in self._specs)
         self.write_json(INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": self._weight_map})
+
+
+def _read_progress(path: Path) -> list[dict]:
+    """Records of a progress file; a line cut short by a crash (only the last can be) is dropped."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+    return records

@@ -9,13 +9,6 @@ import sys
 
 from convert.errors import BadInput
 
-NOT_YET = {
-    "eval": "accuracy and speed evals",
-    "gate": "the publishing gate",
-    "publish": "Hub publishing",
-}
-
-
 def _cmd_inspect(args) -> int:
     from convert.checkpoint import open_checkpoint
     from convert.hub import resolve_model
@@ -59,15 +52,21 @@ def _cmd_quantize(args) -> int:
     from stepq.quantize import load_recipe, quantize
 
     folder = resolve_model(args.model, args.revision)
+    if args.stats:  # a file the user named: refuse one computed from another model before any work
+        CalibStats.load(args.stats).check_source(folder)
     if args.scheme == "gguf":
         from stepq.gguf import export_gguf
 
         imatrix = None
         if args.imatrix:
             imatrix = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
-        print(export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
+        out = export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
                           max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision,
-                          imatrix=imatrix))
+                          imatrix=imatrix, mtp_only=args.mtp_only)
+        if args.mtp_only:  # a draft-only file is not a release to eval on its own: keep pointing at the last one
+            print(out)
+        else:
+            _remember(out)
         return 0
     stats = None
     if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or args.method == "search":
@@ -76,9 +75,17 @@ def _cmd_quantize(args) -> int:
         stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
                    max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
-                   method=args.method)
-    print(out)
+                   method=args.method, allow_nonfinite=args.allow_nonfinite)
+    _remember(out)
     return 0
+
+
+def _remember(artifact) -> None:
+    """Print the artifact and note it as OUT/.last-artifact: `make eval/gate/publish` default to it."""
+    from pathlib import Path
+
+    print(artifact)
+    (Path(artifact).parent / ".last-artifact").write_text(f"{artifact}\n")
 
 
 def _size(text: str) -> int:
@@ -105,11 +112,44 @@ def _cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
-def _not_yet(name: str):
-    def run(args) -> int:
-        print(f"stepq {name}: {NOT_YET[name]} is not implemented yet", file=sys.stderr)
-        return 2
-    return run
+def _cmd_gate(args) -> int:
+    from eval.gate import gate
+
+    result = gate(args.artifact, policy=args.policy, baseline=args.baseline, endpoint=args.endpoint)
+    print("\n".join(result.lines() + [result.summary()]))
+    return 0 if result.passed else 1
+
+
+def _cmd_publish(args) -> int:
+    from eval.publish import PublishError, publish
+
+    repo_id = args.repo_id
+    if repo_id is None:
+        if not args.dry_run:
+            raise BadInput(f"{args.artifact}: publishing needs --repo-id org/name (REPO_ID= with make)")
+        from pathlib import Path
+
+        repo_id = f"your-namespace/{Path(args.artifact).resolve().name}"  # a dry run only shows the plan
+    try:
+        result = publish(args.artifact, repo_id, revision=args.revision, dry_run=args.dry_run,
+                         private=args.private, create_pr=args.create_pr, endpoint=args.endpoint)
+    except PublishError as e:
+        print(f"stepq publish: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(result.lines))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from convert.hub import resolve_model
+    from stepq.evaluate import evaluate
+
+    folder = resolve_model(args.model, args.revision)
+    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    print(evaluate(args.artifact, folder, args.out, dataset=args.dataset, n=args.num_samples, seq_len=args.seq_len,
+                   seed=args.seed, tasks=tasks, task_limit=args.task_limit, speed=not args.no_speed,
+                   engine_check=not args.no_engine_check))
+    return 0
 
 
 def _add_calibration_args(s: argparse.ArgumentParser) -> None:
@@ -157,9 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--qtype", help="GGUF type with --scheme gguf: Q4_K_M (default), Q5_K_M, Q6_K, IQ4_XS, Q8_0, BF16, ...")
     s.add_argument("--no-mtp", action="store_true", help="GGUF: drop the MTP layers (kept as blk.N.nextn.* by default)")
+    s.add_argument("--mtp-only", action="store_true",
+                   help="GGUF: only the MTP head (+ token_embd, output_norm, output), a draft for llama.cpp's "
+                        "--spec-draft-model next to a --no-mtp trunk -> OUT/<model>-GGUF-<QTYPE>-MTP/mtp-*.gguf")
     s.add_argument("--imatrix", action="store_true",
                    help="GGUF K/IQ types: quantize with an importance matrix from stepq's calibration statistics")
-    s.add_argument("--force", action="store_true", help="replace an existing artifact")
+    s.add_argument("--force", action="store_true", help="replace an existing artifact; start over instead of "
+                                                        "resuming an interrupted run")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN/Inf (a warning per tensor) instead of refusing them")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")
     s.add_argument("--method", choices=["rtn", "search"], default="rtn",
@@ -174,10 +220,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm: vLLM's loader on CPU, in its own cached venv (`make vllm-env`)")
     s.set_defaults(run=_cmd_verify)
 
-    for name in NOT_YET:
-        s = sub.add_parser(name, help=f"{NOT_YET[name]} (not implemented yet)")
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(run=_not_yet(name))
+    s = sub.add_parser("gate", help="apply a policy to an artifact's eval report -> pass/fail, eval/gate.json")
+    s.add_argument("artifact")
+    s.add_argument("--policy", help="policy YAML (default: eval/policies/fixture.yaml for the bundled fixture, "
+                                    "eval/policies/step35-flash.yaml otherwise)")
+    s.add_argument("--baseline", help="the last release's report for regression rules: a report.json, an artifact "
+                                      "folder, or a Hub repo id org/name[@revision] (its eval/report.json)")
+    s.add_argument("--endpoint", help="Hub endpoint for a --baseline repo id (default: HF_ENDPOINT or huggingface.co)")
+    s.set_defaults(run=_cmd_gate)
+
+    s = sub.add_parser("publish", help="upload a gated artifact + its model card; refuses ungated or changed ones")
+    s.add_argument("artifact")
+    s.add_argument("--repo-id", help="org/name on the Hub (created if missing); optional with --dry-run")
+    s.add_argument("--revision", help="branch to commit to (created from main if missing; default main)")
+    s.add_argument("--dry-run", action="store_true", help="print the exact operations; send and write nothing")
+    s.add_argument("--private", action="store_true", help="create the repo private (an existing repo is unchanged)")
+    s.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing directly")
+    s.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    s.set_defaults(run=_cmd_publish)
+
+    s = sub.add_parser("eval", help="accuracy (KLD, top-1, PPL, MTP acceptance, tasks) and speed of an artifact "
+                                     "against its BF16 source -> ARTIFACT/eval/report.{json,md} + plots")
+    s.add_argument("artifact")
+    s.add_argument("--model", required=True, help="the BF16 source: local folder or Hub id")
+    s.add_argument("--revision")
+    s.add_argument("--out", default="out", help="where the BF16 reference outputs are cached (OUT/<model>-evalref/)")
+    s.add_argument("--dataset", help="held-out text: local file or Hub dataset id (default: the fixture's eval.txt, "
+                                      "ultrachat test_sft for real models)")
+    s.add_argument("--num-samples", type=int, help="N eval sequences")
+    s.add_argument("--seq-len", type=int, help="L tokens per sequence")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tasks", help="comma-separated lm-eval tasks (default: the fixture's local tasks; none for "
+                                    "real models, whose tasks need vLLM); '' for none")
+    s.add_argument("--task-limit", type=int, help="items per task (lm-eval --limit)")
+    s.add_argument("--no-speed", action="store_true", help="skip llama-bench")
+    s.add_argument("--no-engine-check", action="store_true", help="skip the vLLM load check")
+    s.set_defaults(run=_cmd_eval)
     return p
 
 

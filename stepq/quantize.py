@@ -1,12 +1,16 @@
 """`stepq quantize`: stream a checkpoint through a recipe's layout into an artifact folder.
 
 Top to bottom: open + validate the source -> load the recipe -> group tensors into units (fused groups together)
--> plan every output tensor with a meta-device dry run -> stream real tensors (expert by expert for 3-D stacks)
--> config, tokenizer, provenance -> atomic rename.
+-> plan every output tensor with a meta-device dry run -> lock the output -> stream real tensors (expert by expert
+for 3-D stacks), skipping units an interrupted run already finished -> config, tokenizer, provenance -> atomic rename.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import logging
 import resource
 import time
 from collections.abc import Iterator
@@ -19,9 +23,11 @@ from tqdm import tqdm
 
 from convert.arch.step35 import EXPERT_ROLES, LINEAR_ROLES
 from convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
+from convert.config import model_file, model_name
 from convert.errors import BadInput
 from convert.hashing import file_sha256
 from convert.hub import TOKENIZER_FILES
+from convert.lock import OutputLock
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
 import quant
@@ -29,6 +35,7 @@ from quant.layouts import NEEDS_ACTIVATION_STATS, KeptModule, layout_for
 from quant.recipe import Recipe, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
+log = logging.getLogger("stepq.quantize")
 
 
 @dataclass
@@ -43,6 +50,10 @@ class Unit:
     @property
     def experts(self) -> bool:
         return self.members[0].info.role in EXPERT_ROLES
+
+    @property
+    def id(self) -> str:
+        return "+".join(t.info.name for t in self.members)
 
 
 def load_recipe(scheme: str, recipe_file: str | None = None) -> Recipe:
@@ -87,9 +98,9 @@ class _Reader:
     """Checkpoint reads; with `meta=True` the same reads on the meta device: the dry run that plans every output
     shape without touching data."""
 
-    def __init__(self, ckpt: Checkpoint, meta: bool = False, stats=None):
-        self.ckpt, self.meta, self.stats = ckpt, meta, stats
-        self.fallbacks: list[dict] = []  # experts whose input scale came from their siblings
+    def __init__(self, ckpt: Checkpoint, meta: bool = False, stats=None, allow_nonfinite: bool = False):
+        self.ckpt, self.meta, self.stats, self.allow_nonfinite = ckpt, meta, stats, allow_nonfinite
+        self._warned: set[str] = set()
 
     def read(self, name: str) -> torch.Tensor:
         if self.meta:
@@ -112,9 +123,7 @@ class _Reader:
         if self.stats.tokens(module, expert) > 0:
             return self.stats.input_amax(module, expert)
         # No calibration token reached this expert: the largest input absmax among its siblings in this layer
-        # keeps its activations from saturating if it is routed to at run time.
-        self.fallbacks.append({"module": module, "expert": expert, "reason": "no calibration tokens; "
-                               "input scale from the max over the layer's experts"})
+        # keeps its activations from saturating if it is routed to at run time (listed by activation_fallbacks).
         return torch.stack([self.stats.input_amax(module, e) for e in range(t.entry.shape[0])]).amax()
 
     def importance(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
@@ -128,16 +137,41 @@ class _Reader:
         return self.stats.channel_sumsq(module, expert).float() / max(tokens, 1)
 
     def checked(self, t: SourceTensor, w: torch.Tensor) -> torch.Tensor:
-        if not self.meta and w.is_floating_point() and not torch.isfinite(w).all():
-            raise BadInput(f"{self.ckpt.shard_path(t.shard)}: tensor {t.info.name}: contains NaN or Inf")
+        """`w` (a tensor, or one expert of a stack) after the NaN/Inf check: bad input unless allowed."""
+        if self.meta or not w.is_floating_point() or not has_nonfinite(w):
+            return w
+        where = f"{self.ckpt.shard_path(t.shard)}: tensor {t.info.name}"
+        nan, inf = int(w.isnan().sum()), int(w.isinf().sum())
+        what = f"contains NaN or Inf ({nan} NaN, {inf} Inf values)"
+        if not self.allow_nonfinite:
+            raise BadInput(f"{where}: {what} (--allow-nonfinite converts it anyway)")
+        if t.info.name not in self._warned:
+            self._warned.add(t.info.name)
+            log.warning("%s: %s; converting anyway (--allow-nonfinite): its outputs will not be finite", where, what)
         return w
+
+
+# NaN and Inf are the floats whose exponent bits are all ones. Testing the bits through numpy is ~20x faster than
+# torch.isfinite on BF16 (which converts every element): minutes instead of hours over the real model's 197B weights.
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                  torch.float32: (torch.int32, 0x7F800000)}
+
+
+def has_nonfinite(w: torch.Tensor) -> bool:
+    if w.numel() == 0:
+        return False
+    if w.dtype not in _EXPONENT_BITS:
+        return not bool(torch.isfinite(w).all())
+    int_dtype, mask = _EXPONENT_BITS[w.dtype]
+    bits = w.contiguous().view(int_dtype).numpy()
+    return int((bits & mask).max()) == mask
 
 
 def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | None]]:
     """The output tensors of one unit; `src` is the checkpoint or its meta twin."""
     if not unit.quantize:
         t = unit.members[0]
-        yield t.info.name, src.read(t.info.name), None  # kept: the source bytes, unchanged
+        yield t.info.name, src.checked(t, src.read(t.info.name)), None  # kept: the source bytes, unchanged
         return
     modules = [t.info.module for t in unit.members]
     if unit.experts:
@@ -164,8 +198,11 @@ def _importance(src: _Reader, unit: Unit, expert: int | None, layout) -> list[to
 def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> list[OutSpec]:
     meta = _Reader(ckpt, meta=True, stats=stats)
     specs: dict[str, OutSpec] = {}
+    owner: dict[str, str] = {}  # output -> the unit writing it: one each, so a unit can be redone on its own
     for u in units:
         for name, t, row in emit(u, layout, meta):
+            if owner.setdefault(name, u.id) != u.id:
+                raise ValueError(f"output {name} written by two units ({owner[name]}, {u.id})")
             if name not in specs:
                 u.outputs.append(name)
             if row is None:
@@ -176,15 +213,61 @@ def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> lis
     return list(specs.values())
 
 
-def _versions() -> dict:
-    import compressed_tensors
-    import safetensors
-    import transformers
+def activation_fallbacks(units: list[Unit], stats) -> list[dict]:
+    """Experts no calibration token reached, whose input scale is the max over the layer's experts (`_Reader.act`);
+    derived from the statistics, in conversion order, so a resumed run records the same list."""
+    if stats is None:
+        return []
+    return [{"module": t.info.module, "expert": e,
+             "reason": "no calibration tokens; input scale from the max over the layer's experts"}
+            for u in units if u.quantize and u.experts
+            for e in range(u.members[0].entry.shape[0]) for t in u.members if stats.tokens(t.info.module, e) == 0]
 
+
+def _versions() -> dict:
+    # From the installed metadata: importing transformers only to read its version costs seconds per run.
     import stepq
 
-    return {"stepq": stepq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "compressed_tensors": compressed_tensors.__version__, "safetensors": safetensors.__version__}
+    v = importlib.metadata.version
+    return {"stepq": stepq.__version__, "torch": torch.__version__, "transformers": v("transformers"),
+            "compressed_tensors": v("compressed-tensors"), "safetensors": v("safetensors")}
+
+
+def _settings_digest(ckpt: Checkpoint, recipe: Recipe, method: str, layout) -> str:
+    """Everything besides a unit's own tensors that decides its output bytes."""
+    settings = {"recipe": recipe.to_dict(), "scheme": recipe.scheme, "method": method,
+                "layout": type(layout).__name__, "config_sha256": file_sha256(ckpt.dir / "config.json"),
+                "stepq": _versions()["stepq"], "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def unit_key(unit: Unit, ckpt: Checkpoint, settings: str, stats_sha256: str | None) -> str:
+    """The identity of what a unit's output depends on: settings, its source tensors (name, place, shard identity)
+    and, for quantized units, the statistics file. A resumed run reuses a unit only under the same key."""
+    members = [[t.info.name, t.entry.dtype, list(t.entry.shape), t.entry.start, t.shard,
+                ckpt.shard_identity(t.shard)] for t in unit.members]
+    key = {"settings": settings, "members": members, "outputs": unit.outputs,
+           "stats": stats_sha256 if unit.quantize else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def write_units(writer: ArtifactWriter, units: list[Unit], keys: dict[str, str], layout, src: _Reader,
+                specs: list[OutSpec], desc: str) -> None:
+    """Convert and write every unit, in order, each recorded as finished once all its outputs are written; units an
+    interrupted run finished under the same key are verified and kept instead."""
+    nbytes = {s.name: s.nbytes for s in specs}
+    # disable=None: a progress bar on a terminal only, never \r-garbage in logs and captured stderr
+    with tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+        for u in units:
+            if writer.reuse(u.id, keys[u.id], u.outputs):
+                bar.update(sum(nbytes[o] for o in u.outputs))
+                continue
+            for name, t, row in emit(u, layout, src):
+                writer.write(name, t, row)
+                bar.update(t.numel() * t.element_size())
+            writer.commit(u.id, keys[u.id], u.outputs)
+    if writer.reused_units:
+        log.info("resumed: %d of %d units reused from the interrupted run", writer.reused_units, len(units))
 
 
 def variant_name(recipe: Recipe) -> str:
@@ -193,9 +276,12 @@ def variant_name(recipe: Recipe) -> str:
 
 def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
              max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
-             stats=None, method: str = "rtn") -> Path:
+             stats=None, method: str = "rtn", allow_nonfinite: bool = False) -> Path:
     """`stats`: calibration statistics (`calib.stats.CalibStats`), required by schemes with static activation
-    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`) and used as channel importance by `method="search"`."""
+    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`) and used as channel importance by `method="search"`.
+
+    Re-running after an interruption resumes: units finished by the earlier run (same inputs, same settings, bytes
+    intact) are kept, the rest converted; `force` starts over. One run per output folder (`convert.lock`)."""
     t0 = time.time()
     ckpt = open_checkpoint(model)
     try:
@@ -212,19 +298,16 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
         extras = list(layout.extra_tensors(list(ckpt.config.mtp_layers)))
         specs = plan_outputs(units, layout, ckpt, stats) + [OutSpec(n, t.dtype, tuple(t.shape)) for n, t, _ in extras]
         t_plan = time.time()
-        out_dir = Path(out) / f"{Path(model).resolve().name}-{variant_name(recipe)}"
+        out_dir = Path(out) / f"{model_name(model)}-{variant_name(recipe)}"
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        total = sum(s.nbytes for s in specs)
-        with ArtifactWriter(out_dir, force=force, **kwargs) as writer:
+        with OutputLock(out_dir), ArtifactWriter(out_dir, force=force, resumable=True, **kwargs) as writer:
             writer.plan(specs)
-            src = _Reader(ckpt, stats=stats)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantize {recipe.name}") as bar:
-                for u in units:
-                    for name, t, row in emit(u, layout, src):
-                        writer.write(name, t, row)
-                        bar.update(t.numel() * t.element_size())
-                for name, t, _ in extras:
-                    writer.write(name, t)
+            src = _Reader(ckpt, stats=stats, allow_nonfinite=allow_nonfinite)
+            settings, stats_sha256 = _settings_digest(ckpt, recipe, method, layout), stats and stats.sha256
+            keys = {u.id: unit_key(u, ckpt, settings, stats_sha256) for u in units}
+            write_units(writer, units, keys, layout, src, specs, desc=f"quantize {recipe.name}")
+            for name, t, _ in extras:
+                writer.write(name, t)
             t_convert = time.time()
             kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
                     for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
@@ -236,14 +319,14 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             for name, obj in layout.extra_files(kept, whole_mtp).items():
                 writer.write_json(name, obj)
             for name in TOKENIZER_FILES:
-                if (ckpt.dir / name).is_file():
-                    writer.copy_file(ckpt.dir / name)
+                if (path := model_file(ckpt.dir, name)) is not None:
+                    writer.copy_file(path)
             prov = _provenance(ckpt, recipe, method, units, writer, source_id or str(model), revision,
                                {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
             prov["added_tensors"] = {name: why for name, _, why in extras}
             if stats is not None:
                 prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
-                                       "activation_fallbacks": src.fallbacks}
+                                       "activation_fallbacks": activation_fallbacks(units, stats)}
             writer.write_json("stepq.json", prov)
     finally:
         ckpt.close()
@@ -255,7 +338,10 @@ def _provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit]
     files = {}
     for shard in sorted(ckpt.shards) + ["config.json"]:
         p = ckpt.dir / shard
-        files[shard] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        # a 5 GB shard takes seconds to hash: a resumed run takes the hash from the progress file
+        ident = json.dumps(ckpt.shard_identity(shard), sort_keys=True) if shard in ckpt.shards else None
+        sha = writer.memo("source_sha256", f"{shard} {ident}", lambda p=p: file_sha256(p)) if ident else file_sha256(p)
+        files[shard] = {"size": p.stat().st_size, "sha256": sha}
     decisions = {}
     for u in units:
         for t in u.members:
