@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from calib.data import FIXTURE_DATA, defaults_for, load_calibration, load_tokenizer
 from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.config import model_name
 from convert.errors import BadInput
 from convert.hashing import file_sha256
 from eval import forward
@@ -110,7 +111,7 @@ def _expert_load(provenance: dict, model_dir: Path, out_root: Path) -> dict:
 
     cal = provenance.get("calibration") or {}
     candidates = [Path(cal["path"])] if cal.get("path") else []
-    candidates.append(Path(out_root) / f"{model_dir.resolve().name}-calib" / "stats.safetensors")
+    candidates.append(Path(out_root) / f"{model_name(model_dir)}-calib" / "stats.safetensors")
     for path in candidates:
         if path.is_file():
             stats = CalibStats.load(path)
@@ -146,7 +147,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
         timings["open_s"] = time.time() - t0
 
         t = time.time()
-        ref = reference_outputs(source, text.ids, out_root / f"{model_dir.resolve().name}-evalref", progress)
+        ref = reference_outputs(source, text.ids, out_root / f"{model_name(model_dir)}-evalref", progress)
         ref_acc = mtp_acceptance(ref.logits, ref.mtp_logits)
         timings["reference_s"] = time.time() - t
 

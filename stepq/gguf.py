@@ -24,6 +24,7 @@ import gguf
 
 from calib.stats import CalibStats
 from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.config import model_name
 from convert.errors import BadInput
 from convert.gguf_export import GGUFExport, write_gguf
 from convert.gguf_imatrix import write_imatrix
@@ -31,6 +32,7 @@ from convert.gguf_names import PlannedTensor
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import file_sha256
+from convert.lock import OutputLock
 from convert.writer import AtomicDir
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
@@ -38,7 +40,7 @@ LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
 
 
 def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str, mtp_only: bool = False) -> Path:
-    return Path(out_root) / f"{Path(model_dir).resolve().name}-GGUF-{qtype.upper()}{'-MTP' if mtp_only else ''}"
+    return Path(out_root) / f"{model_name(model_dir)}-GGUF-{qtype.upper()}{'-MTP' if mtp_only else ''}"
 
 
 def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_M", mtp: bool = True,
@@ -67,10 +69,10 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                                 n_embd=ckpt.config.hidden_size, mtp_only=mtp_only)
             tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
         out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
-        stem = f"{'mtp-' if mtp_only else ''}{Path(model_dir).resolve().name}-{qtype}"
+        stem = f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}"
         split = max_shard_bytes or DEFAULT_SPLIT_BYTES
         timings = {}
-        with AtomicDir(out_dir, force) as tmp:
+        with OutputLock(out_dir), AtomicDir(out_dir, force) as tmp:
             if recipe is None:
                 exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split, mtp_only=mtp_only)
                 files = exp.files
