@@ -16,7 +16,11 @@ QTYPE ?=
 REVISION ?=
 REPO_ID ?=
 DRY_RUN ?=
+POLICY ?=
+BASELINE ?=
 ARTIFACT ?=
+LAST_ARTIFACT = $(shell cat $(OUT)/.last-artifact 2>/dev/null)
+TASKS ?=
 FORCE ?=
 IMATRIX ?=
 
@@ -47,21 +51,34 @@ quant-fp8: $(STAMP)
 quant-nvfp4: $(STAMP)
 	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
 
+# quant-gguf: QTYPE=Q4_K_M (default); IMATRIX=1 quantizes with stepq's calibration (required by IQ2_XXS, IQ2_XS,
+# IQ2_S, IQ2_M, IQ3_XXS, IQ1_S, IQ1_M); NO_MTP=1 drops the MTP head; MTP_ONLY=1 writes only the MTP draft
+# (out/<model>-GGUF-<QTYPE>-MTP/mtp-<model>-<QTYPE>.gguf) for llama.cpp's --spec-draft-model beside a NO_MTP=1 trunk.
 quant-gguf: $(STAMP) llama-cpp
-	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET)))
+	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(NO_MTP),--no-mtp) $(if $(MTP_ONLY),--mtp-only) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET)))
 
+# ARTIFACT defaults to the variant the last `make quant-*` wrote (OUT/.last-artifact).
 eval: $(STAMP)
-	$(STEPQ) eval $(ARTIFACT) --model $(MODEL)
+	$(STEPQ) eval $(or $(ARTIFACT),$(LAST_ARTIFACT)) --model $(MODEL) --out $(OUT) $(if $(DATASET),--dataset $(DATASET)) $(if $(TASKS),--tasks $(TASKS))
 
+# gate: POLICY= a policy YAML (default: eval/policies/, by source model); BASELINE= the last release's report
+# (report.json, artifact folder or Hub repo id) for the regression rules. Exit 1 when the gate fails.
 gate: $(STAMP)
-	$(STEPQ) gate $(ARTIFACT)
+	$(STEPQ) gate $(or $(ARTIFACT),$(LAST_ARTIFACT)) $(if $(POLICY),--policy $(POLICY)) $(if $(BASELINE),--baseline $(BASELINE))
 
+# publish: REPO_ID=org/name, REVISION= a branch (created if missing), DRY_RUN=1 prints the operations only.
 publish: $(STAMP)
-	$(STEPQ) publish $(ARTIFACT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run)
+	$(STEPQ) publish $(or $(ARTIFACT),$(LAST_ARTIFACT)) $(if $(REPO_ID),--repo-id $(REPO_ID)) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run)
 
-# Conversion figures (size, time, peak memory, per-role weight error) -> bench/results/convert_fixture.json.
+# Conversion figures (size, time, peak memory, per-role weight error) -> bench/results/convert_fixture.json, then
+# speed vs disk and vs compressed-tensors on a real-shaped checkpoint -> bench/results/convert_real_$(BENCH).json.
+# BENCH=quick (default, minutes): 1 MoE layer of 32 experts (~3 GB); BENCH=full: 1 MoE layer of 288 experts
+# (~13 GB); BENCH_ARGS="--moe-layers 3" for a checkpoint larger than RAM. Generated once into ~/.cache/stepq/bench.
+BENCH ?= quick
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/convert_fixture.py $(MODEL)
+	$(BIN)/python bench/convert_real.py --size $(BENCH) $(BENCH_ARGS)
 
 # Re-train the bundled fixture (deterministic given its seed; the result is committed).
 fixture: $(STAMP)
@@ -77,10 +94,15 @@ clean:
 # Builds the llama.cpp vendored in the llama-cpp-python sdist (CPU only) into a cache outside the repo, keyed by
 # version, reused through a stamp. The cache also keeps the tree's gguf-py and converter (convert_hf_to_gguf.py,
 # conversion/) that the GGUF tests compare against. 16-22 min on 2 cores the first time, 176 MB; then instant.
+# From the same sdist, its pure-Python ctypes package `llama_cpp/` (+ its one missing dependency, diskcache) goes
+# to $(LLAMA_CPP_DIR)/python: eval/gguf_logits.py runs it over the libllama.so built here (LLAMA_CPP_LIB_PATH), so
+# the binding and the library always come from one sdist and nothing is compiled twice.
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_DIR ?= $(HOME)/.cache/stepq/llama.cpp-$(LLAMA_CPP_VERSION)
 LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench llama-speculative-simple llama-completion llama-gguf-split llama-tokenize
 LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.stepq-built
+LLAMA_CPP_PY_STAMP := $(LLAMA_CPP_DIR)/python/.stepq-extracted
+LLAMA_CPP_PY_DEPS := diskcache==5.6.3
 LLAMA_CPP_PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip)
 
 .PHONY: llama-cpp
@@ -89,26 +111,43 @@ llama-cpp:
 	@flock $(LLAMA_CPP_DIR)/.lock $(MAKE) --no-print-directory llama-cpp-build LLAMA_CPP_DIR=$(LLAMA_CPP_DIR)
 
 # Runs under the lock; a caller that waited for another build finds everything in place and does nothing.
-# A tool added to LLAMA_CPP_TOOLS later is built incrementally (seconds) on top of the cached build.
+# A tool added to LLAMA_CPP_TOOLS later is built incrementally (seconds) on top of the cached build; a missing
+# Python package is fetched again (the sdist is deleted after extraction) without touching the build.
 .PHONY: llama-cpp-build
 llama-cpp-build:
-	@if [ -f $(LLAMA_CPP_STAMP) ] && (for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t || exit 1; done); \
-	then echo "llama.cpp $(LLAMA_CPP_VERSION): tools in $(LLAMA_CPP_DIR)/src/build/bin (cached)"; exit 0; fi; \
-	set -euo pipefail; \
-	if [ ! -f $(LLAMA_CPP_DIR)/src/CMakeLists.txt ]; then \
-	  rm -rf $(LLAMA_CPP_DIR)/sdist $(LLAMA_CPP_DIR)/src.tmp; mkdir -p $(LLAMA_CPP_DIR)/sdist $(LLAMA_CPP_DIR)/src.tmp; \
+	@set -euo pipefail; \
+	built() { [ -f $(LLAMA_CPP_STAMP) ] || return 1; \
+	  for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t || return 1; done; }; \
+	if built && [ -f $(LLAMA_CPP_PY_STAMP) ]; then \
+	  echo "llama.cpp $(LLAMA_CPP_VERSION): tools in $(LLAMA_CPP_DIR)/src/build/bin (cached)"; exit 0; fi; \
+	sdist=$(LLAMA_CPP_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz; \
+	if [ ! -f $(LLAMA_CPP_DIR)/src/CMakeLists.txt ] || [ ! -f $(LLAMA_CPP_PY_STAMP) ]; then \
+	  rm -rf $(LLAMA_CPP_DIR)/sdist; mkdir -p $(LLAMA_CPP_DIR)/sdist; \
 	  $(LLAMA_CPP_PIP) download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(LLAMA_CPP_DIR)/sdist; \
-	  tar xzf $(LLAMA_CPP_DIR)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_DIR)/src.tmp \
-	    --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp; \
-	  rm -rf $(LLAMA_CPP_DIR)/sdist; mv $(LLAMA_CPP_DIR)/src.tmp $(LLAMA_CPP_DIR)/src; \
 	fi; \
-	cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-	  -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-	  -DLLAMA_BUILD_UI=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF > $(LLAMA_CPP_DIR)/configure.log; \
-	cmake --build $(LLAMA_CPP_DIR)/src/build -j2 --target $(LLAMA_CPP_TOOLS); \
-	for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t; done; \
-	echo "llama-cpp-python==$(LLAMA_CPP_VERSION) built $$(date -u +%FT%TZ)" > $(LLAMA_CPP_STAMP); \
-	echo "llama.cpp tools in $(LLAMA_CPP_DIR)/src/build/bin"
+	if [ ! -f $(LLAMA_CPP_DIR)/src/CMakeLists.txt ]; then \
+	  rm -rf $(LLAMA_CPP_DIR)/src.tmp; mkdir -p $(LLAMA_CPP_DIR)/src.tmp; \
+	  tar xzf $$sdist -C $(LLAMA_CPP_DIR)/src.tmp --strip-components=3 llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp; \
+	  mv $(LLAMA_CPP_DIR)/src.tmp $(LLAMA_CPP_DIR)/src; \
+	fi; \
+	if [ ! -f $(LLAMA_CPP_PY_STAMP) ]; then \
+	  rm -rf $(LLAMA_CPP_DIR)/python $(LLAMA_CPP_DIR)/python.tmp; mkdir -p $(LLAMA_CPP_DIR)/python.tmp; \
+	  tar xzf $$sdist -C $(LLAMA_CPP_DIR)/python.tmp --strip-components=1 llama_cpp_python-$(LLAMA_CPP_VERSION)/llama_cpp; \
+	  grep -qx '__version__ = "$(LLAMA_CPP_VERSION)"' $(LLAMA_CPP_DIR)/python.tmp/llama_cpp/__init__.py; \
+	  $(LLAMA_CPP_PIP) install -q --no-deps --target $(LLAMA_CPP_DIR)/python.tmp $(LLAMA_CPP_PY_DEPS); \
+	  echo "llama-cpp-python==$(LLAMA_CPP_VERSION) $(LLAMA_CPP_PY_DEPS)" > $(LLAMA_CPP_DIR)/python.tmp/.stepq-extracted; \
+	  mv $(LLAMA_CPP_DIR)/python.tmp $(LLAMA_CPP_DIR)/python; \
+	fi; \
+	rm -rf $(LLAMA_CPP_DIR)/sdist; \
+	if ! built; then \
+	  cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+	    -DLLAMA_BUILD_UI=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF > $(LLAMA_CPP_DIR)/configure.log; \
+	  cmake --build $(LLAMA_CPP_DIR)/src/build -j2 --target $(LLAMA_CPP_TOOLS); \
+	  for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t; done; \
+	  echo "llama-cpp-python==$(LLAMA_CPP_VERSION) built $$(date -u +%FT%TZ)" > $(LLAMA_CPP_STAMP); \
+	fi; \
+	echo "llama.cpp tools in $(LLAMA_CPP_DIR)/src/build/bin, Python binding in $(LLAMA_CPP_DIR)/python"
 
 # vLLM conformance env (eval/vllm_conformance.py): vLLM's own loader, in a separate venv outside the repo, cached
 # by version (vLLM pins transformers/compressed-tensors differently from the project). Only what vLLM imports to

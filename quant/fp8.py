@@ -3,6 +3,10 @@
 
 Pure functions on tensors. Everything is shape-static (no `.item()`, no data-dependent
 branches), so the same calls run on `meta` tensors to plan output shapes and dtypes.
+
+The public quantizers dispatch bf16 CPU weights to fused numba kernels (quant/fast_fp8.py, bit-identical, 25-75x
+faster than compressed-tensors' FP8_BLOCK path in bench/convert_real.py); the `*_reference` functions are the specification they are tested against, and run for every
+other input (meta tensors, other dtypes, Inf/NaN, numba missing or STEPQ_FAST=0).
 """
 
 import math
@@ -10,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from quant import fast_common, fast_fp8
 from quant.constants import FP8_BLOCK, FP8_DTYPE, FP8_E4M3_MAX
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -38,6 +43,21 @@ def _check_weight(w: torch.Tensor) -> None:
 
 
 def quantize_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_block_reference`, through the fused kernel when it applies (same bytes)."""
+    _check_weight(w)
+    if w.device.type == "meta" and block > 0:  # planning dry run: the reference's shapes without meta ops
+        *lead, rows, cols = w.shape
+        return (torch.empty(w.shape, dtype=FP8_DTYPE, device="meta"),
+                torch.empty(*lead, math.ceil(rows / block), math.ceil(cols / block), dtype=torch.float32,
+                            device="meta"))
+    if fast_common.eligible(w) and w.numel() and block > 0:
+        out = fast_fp8.quantize_fp8_block(w, block)
+        if out is not None:
+            return out
+    return quantize_fp8_block_reference(w, block)
+
+
+def quantize_fp8_block_reference(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `w [..., out, in]` to FP8 E4M3 with one scale per `block x block` tile.
 
     Returns `(q, scale_inv)`: `q` float8_e4m3fn shaped like `w`; `scale_inv` float32
@@ -79,6 +99,19 @@ def dequantize_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 
 
 
 def quantize_fp8_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_fp8_channel_reference`, through the fused kernel when it applies (same bytes)."""
+    _check_weight(w)
+    if w.device.type == "meta":  # planning dry run: the reference's shapes without meta ops
+        return (torch.empty(w.shape, dtype=FP8_DTYPE, device="meta"),
+                torch.empty(*w.shape[:-1], 1, dtype=w.dtype, device="meta"))
+    if fast_common.eligible(w) and w.numel():
+        out = fast_fp8.quantize_fp8_channel(w)
+        if out is not None:
+            return out
+    return quantize_fp8_channel_reference(w)
+
+
+def quantize_fp8_channel_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `w [..., out, in]` to FP8 E4M3 with one scale per output row.
 
     Returns `(q, scale)`: `q` float8_e4m3fn shaped like `w`; `scale` `[..., out, 1]` in `w.dtype`
@@ -110,6 +143,16 @@ def fp8_tensor_scale(amax: torch.Tensor, dtype: torch.dtype = torch.bfloat16) ->
 
 
 def quantize_fp8_tensor(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`quantize_fp8_tensor_reference`, through the fused kernel when it applies (same bytes)."""
+    _check_weight(w)
+    if fast_common.eligible(w) and w.numel() and scale.device.type == "cpu":
+        out = fast_fp8.quantize_fp8_tensor(w, scale)
+        if out is not None:
+            return out
+    return quantize_fp8_tensor_reference(w, scale)
+
+
+def quantize_fp8_tensor_reference(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 codes of `w` with one per-tensor `scale` (shared by a fused group).
 
     `w / scale` is rounded to `w.dtype` before the RNE cast, as compressed-tensors' FP8 (static) preset does;

@@ -31,6 +31,7 @@ from convert.lock import OutputLock
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
 import quant
+from quant.fast_common import all_finite
 from quant.layouts import NEEDS_ACTIVATION_STATS, KeptModule, layout_for
 from quant.recipe import Recipe, fused_group
 
@@ -160,6 +161,8 @@ _EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.i
 def has_nonfinite(w: torch.Tensor) -> bool:
     if w.numel() == 0:
         return False
+    if w.dtype == torch.bfloat16:  # the source dtype: one fused numba pass on all cores, no full-size temporary
+        return not all_finite(w)
     if w.dtype not in _EXPONENT_BITS:
         return not bool(torch.isfinite(w).all())
     int_dtype, mask = _EXPONENT_BITS[w.dtype]

@@ -1,0 +1,438 @@
+"""Conversion speed and memory on a real-shaped Step-3.5 checkpoint, against disk speed and compressed-tensors.
+
+Per run (all in the same process, so the figures share the machine's state; 2 shared cores are noisy: the load
+average is recorded with every stage):
+  1. cold read: every source shard's page cache dropped (`posix_fadvise(DONTNEED)`: no root needed), then
+     `cat shard > /dev/null`; the disk's speed for these files.
+  2. end to end, per scheme: page cache dropped again, `stepq quantize MODEL --scheme S` as a subprocess: wall
+     time, Mparam/s (source parameters / wall), peak RssAnon and RSS of the whole process tree (polled from /proc
+     every 20 ms), stepq.json's plan/convert timings; the artifact is deleted afterwards.
+  3. kernels vs compressed-tensors, on the same matrices from the checkpoint (an expert's gate/up/down and the dense
+     gate_proj): our fast path (global scale + group scales + quantize + pack) against CT 0.19.0's own observer
+     math (`generate_gparam`, `calculate_qparams`) + compressor (`NVFP4PackedCompressor.compress`, FP8_BLOCK
+     `NaiveQuantizationCompressor.compress`), best of N wall times, and whether the bytes are identical.
+  4. executor pipeline, per scheme: every unit (kept tensors copied, quantized ones expert by expert) through
+     `stepq.executor.LocalExecutor` (reads prefetched and Inf/NaN-checked on a thread while the kernels run),
+     written in order into a planned, fsynced artifact: cold cache, then warm. This is the conversion stage as it
+     runs once stepq/quantize.py hands its units to the executor (imports, config and provenance hashing aside).
+
+Usage: .venv/bin/python bench/convert_real.py [--size quick|full] [--moe-layers N] [--schemes nvfp4a16,fp8-block]
+quick: 1 MoE layer of 32 experts, vocab 32768 (~3 GB, minutes). full: 1 MoE layer of 288 experts, real vocab (~13 GB).
+Writes bench/results/convert_real_<size>.json and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gen_real_shaped  # noqa: E402
+
+from convert.checkpoint import open_checkpoint  # noqa: E402
+from convert.writer import ArtifactWriter  # noqa: E402
+from quant import fast_common  # noqa: E402
+from quant.layouts import layout_for  # noqa: E402
+from stepq.executor import LocalExecutor, Task  # noqa: E402
+from stepq.quantize import load_recipe, plan_outputs, plan_units  # noqa: E402
+
+SIZES = {"quick": {"moe_layers": 1, "experts": 32, "vocab": 32768},
+         "full": {"moe_layers": 1, "experts": 288, "vocab": 128896}}
+SCHEMES = ["nvfp4a16", "fp8-block"]
+
+
+# ------------------------------------------------------------------------------------------------ /proc helpers
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (children listed per thread in /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run `cmd` (its progress bar on our stderr); sample RssAnon and VmRSS summed over its process tree every 20 ms."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    peak = {"RssAnon": 0, "VmRSS": 0}
+
+    def sample():
+        while p.poll() is None:
+            pids = _tree(p.pid)
+            for k in peak:
+                peak[k] = max(peak[k], sum(_status_kib(q, k) for q in pids))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = p.communicate()
+    th.join()
+    seconds = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {p.returncode}")
+    return {"wall_s": seconds, "peak_rss_anon_mib": peak["RssAnon"] / 1024, "peak_rss_mib": peak["VmRSS"] / 1024,
+            "path": out.strip().splitlines()[-1]}
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    """Evict these files from the page cache (clean pages only: the files were fsynced when written)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_bytes(paths: list[Path]) -> int | None:
+    """Bytes of these files in the page cache (util-linux `fincore`), to show the drop worked."""
+    if not shutil.which("fincore"):
+        return None
+    r = subprocess.run(["fincore", "-b", "-n", "-o", "RES", *map(str, paths)], capture_output=True, text=True,
+                       check=False)
+    return sum(int(x) for x in r.stdout.split()) if r.returncode == 0 else None
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def cold_read(shards: list[Path]) -> dict:
+    drop_page_cache(shards)
+    before = resident_bytes(shards)
+    nbytes = sum(s.stat().st_size for s in shards)
+    t0 = time.perf_counter()
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc="cold read (cat)") as bar:
+        for s in shards:
+            subprocess.run(f"cat '{s}' > /dev/null", shell=True, check=True)
+            bar.update(s.stat().st_size)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6, "resident_before": before,
+            "load": load()}
+
+
+def end_to_end(model: Path, scheme: str, shards: list[Path], params: int, work: Path) -> dict:
+    out_root = work / f"e2e-{scheme}"
+    drop_page_cache(shards)
+    res = {"load_before": load()}
+    m = run_measured([sys.executable, "-m", "stepq.cli", "quantize", str(model), "--scheme", scheme,
+                      "--out", str(out_root)])
+    art = Path(m.pop("path"))
+    prov = json.loads((art / "stepq.json").read_text())
+    res.update(m)
+    res.update(load_after=load(), mparam_per_s=params / m["wall_s"] / 1e6,
+               artifact_bytes=sum(p.stat().st_size for p in art.glob("*.safetensors")),
+               stepq_timings=prov.get("timings"), stepq_peak_rss_mib=prov.get("peak_rss_mib"),
+               quantized_tensors=sum(d["action"] == "quantized" for d in prov["tensors"].values()))
+    shutil.rmtree(out_root, ignore_errors=True)
+    return res
+
+
+def _best(fn, repeat: int) -> float:
+    fn()  # warm-up (numba loads its cache; torch allocators)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ct_nvfp4(w: torch.Tensor):
+    """compressed-tensors' own NVFP4A16 path for one bf16 matrix: LC's memoryless min-max observer math feeding CT's
+    `generate_gparam` / `calculate_qparams`, then `NVFP4PackedCompressor.compress` (quantize + cast_to_fp4 +
+    pack_fp4_to_uint8) -- what llm-compressor runs per Linear."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES["NVFP4A16"])
+    flat = w.reshape(1, 1, -1)
+    gs = generate_gparam(torch.amin(flat, dim=(0, -1)), torch.amax(flat, dim=(0, -1)))
+    groups = w.unflatten(-1, (-1, 16)).unsqueeze(0)
+    scale, _ = calculate_qparams(torch.amin(groups, dim=(0, -1)), torch.amax(groups, dim=(0, -1)), scheme.weights,
+                                 global_scale=gs)
+    out = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": gs}, scheme)
+    return out["weight_packed"], out["weight_scale"], gs
+
+
+def _ct_fp8_block(w: torch.Tensor, scale: torch.Tensor | None = None):
+    """compressed-tensors' own FP8_BLOCK path: per-128x128 min-max -> `calculate_qparams` -> compressor."""
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils import calculate_qparams, maybe_pad_tensor_for_block_quant
+
+    scheme = QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES["FP8_BLOCK"])
+    if scale is None:
+        bh, bw = scheme.weights.block_structure
+        padded = maybe_pad_tensor_for_block_quant(w, (bh, bw))
+        r, c = padded.shape
+        obs = padded.reshape(r // bh, bh, c // bw, bw).transpose(1, 2).flatten(-2).unsqueeze(0)
+        scale, _ = calculate_qparams(torch.amin(obs, dim=(0, -1)), torch.amax(obs, dim=(0, -1)), scheme.weights)
+    out = NaiveQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+    return out["weight"], scale
+
+
+def _ours_nvfp4(w: torch.Tensor):
+    from quant.nvfp4 import quantize_nvfp4, shared_global_scale
+
+    gs = shared_global_scale(w)
+    packed, scale = quantize_nvfp4(w, gs)
+    return packed, scale, gs
+
+
+def _ours_fp8_block(w: torch.Tensor):
+    from quant.fp8 import quantize_fp8_block
+
+    return quantize_fp8_block(w)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def kernels_vs_ct(model: Path, repeat: int) -> dict:
+    """Same matrices, both implementations, best-of-N wall time; bytes compared."""
+    ckpt = open_checkpoint(model)
+    try:
+        moe = min(ckpt.config.moe_layers)
+        mats = {f"expert0.{p}": ckpt.read_expert(f"model.layers.{moe}.moe.{p}.weight", 0).clone()
+                for p in ("gate_proj", "up_proj", "down_proj")}
+        mats["dense.gate_proj"] = ckpt.read("model.layers.0.mlp.gate_proj.weight").clone()
+    finally:
+        ckpt.close()
+    res = {}
+    for name, w in mats.items():
+        n = w.numel()
+        ours_p, ours_s, ours_g = _ours_nvfp4(w)
+        ct_p, ct_s, ct_g = _ct_nvfp4(w)
+        q, s_inv = _ours_fp8_block(w)
+        ct_q32, _ = _ct_fp8_block(w.float(), s_inv)  # CT on float32 with our float32 scale: the same codes
+        ct_repeat = max(1, repeat // 2)  # CT takes seconds per matrix
+        t = {"nvfp4": (_best(partial(_ours_nvfp4, w), repeat), _best(partial(_ct_nvfp4, w), ct_repeat)),
+             "fp8-block": (_best(partial(_ours_fp8_block, w), repeat), _best(partial(_ct_fp8_block, w), ct_repeat))}
+        res[name] = {"shape": list(w.shape), "params": n}
+        for scheme, (ours, ct) in t.items():
+            res[name][scheme] = {"ours_s": ours, "ct_s": ct, "ours_mparam_s": n / ours / 1e6,
+                                 "ct_mparam_s": n / ct / 1e6, "speedup": ct / ours}
+        res[name]["nvfp4"]["identical"] = _same(ours_p, ct_p) and _same(ours_s, ct_s) and _same(ours_g, ct_g)
+        res[name]["fp8-block"]["identical"] = _same(q, ct_q32)
+    res["load"] = load()
+    return res
+
+
+def _read_unit(ckpt, names: list[str], expert: int | None):
+    """The I/O half of a unit: mmap views, checked for Inf/NaN (as quantize.py's `checked` does) on the reader
+    thread with the fused check."""
+    ws = [ckpt.read(n) if expert is None else ckpt.read_expert(n, expert) for n in names]
+    for n, w in zip(names, ws):
+        if w.is_floating_point() and not fast_common.all_finite(w):
+            raise ValueError(f"{n}: contains NaN or Inf")
+    return ws
+
+
+def _compute_unit(layout, modules: list[str], expert: int | None, quantize: bool, names: list[str], ws):
+    """The CPU half: the layout's outputs, or the kept tensor itself."""
+    if not quantize:
+        return [(names[0], ws[0], None)]
+    if expert is None:
+        return list(layout.linear(modules, ws))
+    return list(layout.experts(modules, expert, ws))
+
+
+def executor_pipeline(model: Path, scheme: str, shards: list[Path], work: Path, cold: bool) -> dict:
+    """Every unit of the scheme (kept tensors copied, quantized ones expert by expert) through LocalExecutor:
+    read-ahead + Inf/NaN check + fast kernels + ordered writes into a planned, fsynced artifact -- the conversion
+    stage as quantize.py runs it once integrated (config, tokenizer and provenance aside)."""
+    ckpt = open_checkpoint(model)
+    out = work / f"executor-{scheme}"
+    try:
+        recipe = load_recipe(scheme)
+        layout = layout_for(recipe.scheme)
+        units = plan_units(ckpt, recipe)
+        specs = plan_outputs(units, layout, ckpt)
+        tasks, params, nbytes = [], 0, 0
+        for u in units:
+            names = [t.info.name for t in u.members]
+            modules = [t.info.module for t in u.members]
+            for e in (range(u.members[0].entry.shape[0]) if u.quantize and u.experts else [None]):
+                div = u.members[0].entry.shape[0] if e is not None else 1
+                size = sum(t.entry.nbytes // div for t in u.members)
+                tasks.append(Task((u, e), partial(_read_unit, ckpt, names, e),
+                                  partial(_compute_unit, layout, modules, e, u.quantize, names), size))
+                nbytes += size
+                params += sum(t.entry.nbytes // div // (4 if t.entry.dtype == "F32" else 2) for t in u.members)
+        if cold:
+            drop_page_cache(shards)
+        res = {"cold": cold, "units": len(tasks), "params": params, "load_before": load(),
+               "rss_anon_before_mib": _status_kib(os.getpid(), "RssAnon") / 1024}
+        peak, done = [0], threading.Event()
+
+        def sample():  # this process's anonymous memory while the pipeline runs (baseline: imports, CT, torch)
+            while not done.is_set():
+                peak[0] = max(peak[0], _status_kib(os.getpid(), "RssAnon"))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        with ArtifactWriter(out, force=True) as writer, LocalExecutor(prefetch=2, workers=1) as ex:
+            writer.plan(specs)
+            with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"executor {scheme} ({'cold' if cold else 'warm'})",
+                      mininterval=2) as bar:
+                for task, outputs in ex.map(tasks):
+                    for name, t, row in outputs:
+                        writer.write(name, t, row)
+                    bar.update(task.nbytes)
+        seconds = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        res.update(wall_s=seconds, mparam_per_s=params / seconds / 1e6, load_after=load(),
+                   peak_rss_anon_mib=peak[0] / 1024)
+        return res
+    finally:
+        ckpt.close()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def summary(r: dict) -> str:
+    cr = r["cold_read"]
+    lines = [f"checkpoint {r['checkpoint']['path']}: {r['checkpoint']['bytes'] / 1e9:.2f} GB, "
+             f"{r['checkpoint']['params'] / 1e9:.2f} B params; {r['machine']['cores']} cores, "
+             f"load {r['machine']['load_start']} at start (shared machine: figures are noisy)",
+             f"cold read (cat, page cache dropped): {cr['seconds']:.1f} s = {cr['mb_per_s']:.0f} MB/s",
+             "",
+             f"{'end to end (stepq quantize)':<30} {'wall s':>7} {'Mparam/s':>9} {'wall/read':>9} {'convert s':>9} "
+             f"{'RssAnon MiB':>11} {'RSS MiB':>8} {'load':>5}"]
+    for s, e in r["end_to_end"].items():
+        lines.append(f"{s:<30} {e['wall_s']:>7.1f} {e['mparam_per_s']:>9.0f} {e['wall_s'] / cr['seconds']:>9.2f} "
+                     f"{e['stepq_timings']['convert_s']:>9.1f} {e['peak_rss_anon_mib']:>11.0f} "
+                     f"{e['peak_rss_mib']:>8.0f} {e['load_after']:>5}")
+    lines += ["", f"{'executor pipeline (all units)':<36} {'wall s':>7} {'Mparam/s':>9} {'wall/read':>9} "
+              f"{'RssAnon MiB (before)':>20} {'load':>5}"]
+    for key, e in r["executor"].items():
+        lines.append(f"{key:<36} {e['wall_s']:>7.1f} {e['mparam_per_s']:>9.0f} {e['wall_s'] / cr['seconds']:>9.2f} "
+                     f"{e['peak_rss_anon_mib']:>11.0f} ({e['rss_anon_before_mib']:>5.0f}) {e['load_after']:>5}")
+    lines += ["", f"{'kernel vs compressed-tensors':<28} {'ours Mparam/s':>13} {'CT Mparam/s':>11} {'speedup':>8} "
+              f"{'identical':>9}"]
+    for name, k in r["kernels"].items():
+        if not isinstance(k, dict):
+            continue
+        for scheme in ("nvfp4", "fp8-block"):
+            v = k[scheme]
+            lines.append(f"{name + ' ' + scheme:<28} {v['ours_mparam_s']:>13.0f} {v['ct_mparam_s']:>11.1f} "
+                         f"{v['speedup']:>7.0f}x {str(v['identical']):>9}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="quick")
+    ap.add_argument("--moe-layers", type=int, help="override the size's MoE layer count (2+ for > RAM)")
+    ap.add_argument("--model", type=Path, help="an existing checkpoint instead of the generated one")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--repeat", type=int, default=5, help="kernel timings: best of N")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "stepq" / "bench" / "work",
+                    help="scratch folder for artifacts (deleted after each stage); same disk as the source")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: e2e,kernels,executor")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    size = dict(SIZES[a.size])
+    if a.moe_layers:
+        size["moe_layers"] = a.moe_layers
+    r = {"size": a.size, "machine": {"cores": fast_common.threads(), "cpu": platform.processor() or platform.machine(),
+                                     "load_start": load(), "torch": torch.__version__,
+                                     "numba": getattr(fast_common.numba, "__version__", None)}}
+    t0 = time.perf_counter()
+    model = a.model or gen_real_shaped.generate(gen_real_shaped.default_dir(**size), **size)
+    r["generate_s"] = time.perf_counter() - t0
+    ckpt = open_checkpoint(model)
+    shards = [ckpt.shard_path(s) for s in sorted(ckpt.shards)]
+    params = sum(_numel(t.entry.shape) for t in ckpt.tensors.values())
+    ckpt.close()
+    r["checkpoint"] = {"path": str(model), "bytes": sum(s.stat().st_size for s in shards), "params": params,
+                       "shards": len(shards), **size}
+    a.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=a.work))
+    try:
+        print(f"cold read of {len(shards)} shard(s) ...", flush=True)
+        r["cold_read"] = cold_read(shards)
+        schemes = a.schemes.split(",")
+        r["end_to_end"] = {}
+        if "e2e" not in skip:
+            for s in schemes:
+                print(f"end to end: stepq quantize --scheme {s} ...", flush=True)
+                r["end_to_end"][s] = end_to_end(model, s, shards, params, work)
+        r["executor"] = {}
+        if "executor" not in skip:
+            for s in schemes:
+                for cold in (True, False):
+                    r["executor"][f"{s} ({'cold' if cold else 'warm'} cache)"] = executor_pipeline(
+                        model, s, shards, work, cold)
+        r["kernels"] = {}
+        if "kernels" not in skip:
+            print("kernels vs compressed-tensors ...", flush=True)
+            r["kernels"] = kernels_vs_ct(model, a.repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    r["machine"]["load_end"] = load()
+    suffix = f"_{size['moe_layers']}moe" if a.moe_layers else ""
+    out = ROOT / "bench" / "results" / f"convert_real_{a.size}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    print(summary(r))
+    print(f"wrote {out}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+if __name__ == "__main__":
+    main()
