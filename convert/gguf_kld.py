@@ -35,7 +35,7 @@ def threads() -> int:
     return int(os.environ.get("STEPQ_LLAMA_THREADS") or min(2, os.cpu_count() or 1))
 
 
-def tool_fields(name: str, args: list, patterns: dict[str, re.Pattern], tries: int = 4) -> dict[str, float]:
+def tool_fields(name: str, args: list, patterns: dict[str, re.Pattern], tries: int = 8) -> dict[str, float]:
     """Run a llama.cpp tool until its log holds every pattern; -> {field: value}."""
     out = ""
     for _ in range(tries):

@@ -74,7 +74,7 @@ def render_markdown(r: dict) -> str:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]]
     hw = r["hardware"]
     lines += ["", f"Measured on {hw.get('cpu')} ({hw.get('cores')} cores, {hw.get('ram_gib')} GiB RAM, "
-              f"GPU: {hw.get('gpu') or 'none'}) in {sum(r['timings'].values()):.0f} s.", ""]
+              f"GPU: {hw.get('gpu') or 'none'}); `stepq eval` took {r['timings'].get('total_s', 0):.0f} s.", ""]
     return "\n".join(lines)
 
 

@@ -156,10 +156,11 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
             from eval import gguf_variant
 
             q_logits, mtp, speed_part = gguf_variant.measure(artifact, model_dir, out_root, text.ids, speed=speed)
+            timings["llama_cpp_s"] = time.time() - t
             weights = not_measured("GGUF: weight error is measured as KLD through llama.cpp")
             engines = {"vllm_load": not_measured("GGUF artifacts are for llama.cpp")}
         else:
-            q, hooked = forward.artifact_outputs(source, artifact, text.ids, progress)
+            q, _ = forward.artifact_outputs(source, artifact, text.ids, progress)
             q_logits = q.logits
             mtp = _mtp_rows(mtp_acceptance(q.logits, q.mtp_logits), ref_acc) if ref_acc else not_measured(
                 "the source has no MTP layers")
@@ -167,11 +168,12 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
             t = time.time()
             weights = weight_error(source, artifact, progress)
             timings["weights_s"] = time.time() - t
+            t = time.time()
             speed_part = _safetensors_speed()
             engines = {"vllm_load": _vllm_load(artifact) if engine_check else not_measured("skipped (--no-engine-check)")}
+            timings["engine_check_s"] = time.time() - t
         accuracy = token_stats(ref.logits, q_logits, text.ids)
         accuracy["mtp"] = mtp
-        timings["accuracy_s"] = time.time() - t
 
         t = time.time()
         task_part = _tasks(source, artifact, model_dir, tasks, task_limit, is_gguf)
