@@ -28,7 +28,7 @@ class ArtifactReader:
         self.decisions: dict[str, dict] = self.provenance["tensors"]
         self._files = {s: SafetensorsFile(self.path / s) for s in sorted(set(weight_map.values()))}
         self._where = weight_map
-        self._layout = layout_for(self.scheme)
+        self.layout = layout_for(self.scheme)
 
     def stored(self, name: str) -> torch.Tensor:
         """An output tensor as stored (packed codes, scales, ...)."""
@@ -47,8 +47,15 @@ class ArtifactReader:
             return self.stored(source_name)
         module = source_name.removesuffix(".weight")
         if len(d["shape"]) == 3:  # a routed-expert stack
-            return self._layout.decode_experts(self.stored, module, d["shape"][0])
-        return self._layout.decode_linear(self.stored, module)
+            return self.layout.decode_experts(self.stored, module, d["shape"][0])
+        return self.layout.decode_linear(self.stored, module)
+
+    def read_expert(self, source_name: str, expert: int) -> torch.Tensor:
+        """Expert `expert` of the routed-expert stack `source_name`, dequantized from its own bytes only."""
+        d = self.decisions[source_name]
+        if d["action"] == "kept":
+            return self.stored(source_name)[expert]
+        return self.layout.decode_expert(self.stored, source_name.removesuffix(".weight"), expert)
 
     def close(self) -> None:
         for f in self._files.values():

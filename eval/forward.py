@@ -54,7 +54,7 @@ class InputQuantizer:
 
     def __init__(self, reader: ArtifactReader, raw_config: dict):
         self.reader, self.raw_config = reader, raw_config
-        self.layout = reader._layout
+        self.layout = reader.layout
         self.hooked: list[str] = []
         self._hooks: list = []
 

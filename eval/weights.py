@@ -32,15 +32,15 @@ def weight_error(source: Checkpoint, artifact: str | Path, progress: bool = True
     try:
         for name in tqdm(quantized, desc="weight error", unit="tensor", disable=not progress, dynamic_ncols=True):
             info = source.tensors[name].info
-            deq = reader.read(name)
-            if deq.ndim == 3:  # a routed-expert stack: one expert at a time on the source side
-                for e in range(deq.shape[0]):
-                    s, n = _sums(source.read_expert(name, e), deq[e])
+            shape = reader.decisions[name]["shape"]
+            if len(shape) == 3:  # a routed-expert stack: one expert at a time on both sides
+                for e in range(shape[0]):
+                    s, n = _sums(source.read_expert(name, e), reader.read_expert(name, e))
                     for acc in (expert_acc[(info.layer, e)], layer_acc[info.layer], role_acc[info.label]):
                         acc[0] += s
                         acc[1] += n
             else:
-                s, n = _sums(source.read(name), deq)
+                s, n = _sums(source.read(name), reader.read(name))
                 for acc in ([layer_acc[info.layer]] if info.layer is not None else []) + [role_acc[info.label]]:
                     acc[0] += s
                     acc[1] += n

@@ -105,6 +105,11 @@ class _Layout:
         """JSON files beside config.json that the format's readers expect. None by default."""
         return {}
 
+    def decode_expert(self, read: Read, stack_module: str, expert: int) -> torch.Tensor:
+        """One expert of a routed-expert stack, reading only its slice. Default: every output of the stack is stored
+        3-D, one row per expert (fp8 block, ModelOpt)."""
+        return self.decode_linear(lambda name: read(name)[expert], stack_module)
+
     def input_quant(self, read: Read, module: str) -> InputQuant:
         """The engine's input fake-quantization for a quantized linear `module`, scales read from the artifact."""
         return None
@@ -160,8 +165,11 @@ class _CompressedTensorsLayout(_Layout):
     def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
         yield from self.linear([expert_module(m, expert) for m in modules], weights, act, importance)
 
+    def decode_expert(self, read: Read, stack_module: str, expert: int) -> torch.Tensor:
+        return self.decode_linear(read, expert_module(stack_module, expert))
+
     def decode_experts(self, read: Read, module: str, num_experts: int) -> torch.Tensor:
-        return torch.stack([self.decode_linear(read, expert_module(module, e)) for e in range(num_experts)])
+        return torch.stack([self.decode_expert(read, module, e) for e in range(num_experts)])
 
     def extra_tensors(self, mtp_layers: list[int]) -> Iterator[tuple[str, torch.Tensor, str]]:
         """Neutral kv-cache scales for the MTP layers' attention. vLLM 0.33.0 gives every attention of a

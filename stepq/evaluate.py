@@ -48,9 +48,17 @@ def _ids_sha(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
 
 
+def _artifact_paths(artifact: Path) -> list[Path]:
+    return [p for p in sorted(artifact.rglob("*")) if p.is_file() and p.relative_to(artifact).parts[0] != REPORT_DIR]
+
+
 def _files(artifact: Path) -> dict[str, str]:
-    return {str(p.relative_to(artifact)): file_sha256(p) for p in sorted(artifact.rglob("*"))
-            if p.is_file() and p.relative_to(artifact).parts[0] != REPORT_DIR}
+    return {str(p.relative_to(artifact)): file_sha256(p) for p in _artifact_paths(artifact)}
+
+
+def _stats(artifact: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) per file: enough to notice a change during the eval without hashing everything twice."""
+    return {str(p.relative_to(artifact)): (p.stat().st_size, p.stat().st_mtime_ns) for p in _artifact_paths(artifact)}
 
 
 def _source_key(source: Checkpoint, ids: torch.Tensor) -> str:
@@ -143,7 +151,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
     source = open_checkpoint(model_dir)
     try:
         text = eval_text(model_dir, dataset, n, seq_len, seed)
-        files_before = _files(artifact)
+        stats_before, files_before = _stats(artifact), _files(artifact)
         timings["open_s"] = time.time() - t0
 
         t = time.time()
@@ -203,7 +211,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
         }
     finally:
         source.close()
-    if _files(artifact) != files_before:
+    if _stats(artifact) != stats_before:
         raise BadInput(f"{artifact}: files changed while it was being evaluated; run eval again")
     final = artifact / REPORT_DIR
     tmp = artifact / f".{REPORT_DIR}.tmp"

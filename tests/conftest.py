@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
 
@@ -22,3 +23,12 @@ def real_config() -> dict:
 @pytest.fixture(scope="session")
 def bundled_fixture() -> Path:
     return BUNDLED_FIXTURE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

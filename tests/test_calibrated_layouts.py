@@ -91,6 +91,9 @@ def test_modelopt_is_compressed_tensors_bytes_with_reciprocal_scales(artifacts):
     for name in ct.source_names():
         if ct.decisions[name]["action"] == "quantized":
             assert torch.allclose(mo.read(name), ct.read(name), rtol=1e-6, atol=0), name
+    for reader in (ct, mo):  # one expert decoded from its own slice equals that expert of the whole stack
+        whole = reader.read(stack + ".weight")
+        assert all(torch.equal(reader.read_expert(stack + ".weight", e), whole[e]) for e in range(8))
     hf = json.loads((arts["nvfp4-modelopt"] / "hf_quant_config.json").read_text())["quantization"]
     assert hf["quant_algo"] == "NVFP4" and "model.layers.5.*" in hf["exclude_modules"]
 

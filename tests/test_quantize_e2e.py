@@ -100,6 +100,8 @@ def test_every_tensor_decided_kept_bytes_identical_and_quantized_within_bounds(a
             got = _decoded(scheme, art, t.info, w)
             assert got.shape == w.shape and torch.isfinite(got).all()
             assert torch.equal(reader.read(name), got), name
+            if got.ndim == 3:  # per-expert read-back, from that expert's bytes only
+                assert all(torch.equal(reader.read_expert(name, e), got[e]) for e in range(got.shape[0])), name
             errors.setdefault(t.info.role, []).append(rel_err(got, w))
     assert errors, "the recipe quantized nothing"
     worst = {role: max(v) for role, v in errors.items()}

@@ -1,16 +1,11 @@
 import pytest
-import torch
 
 from convert.fixtures import BUNDLED_FIXTURE
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every calibration test runs single-threaded (tests/conftest.py `one_thread`)."""
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ LIMIT = 60
 BOS, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP hand-offs between threads cost more than the math on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matrices run faster on one thread
 
 
 class ReferenceLogits:
