@@ -3,7 +3,6 @@ the last two against the BF16 GGUF of the same source in the same run (written f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,9 +39,12 @@ MODEL_EVAL = ("HuggingFaceH4/ultrachat_200k:test_sft", 8, 2048)
 IN_MEMORY_MAX_PARAMS = 2_000_000_000  # lm-eval through stepq's own forward only for small models
 
 
+def _is_fixture(model_dir: Path) -> bool:
+    return defaults_for(model_dir).dataset == str(FIXTURE_DATA)
+
+
 def eval_text(model_dir: Path, dataset: str | None, n: int | None, seq_len: int | None, seed: int):
-    fixture = defaults_for(model_dir).dataset == str(FIXTURE_DATA)
-    d = FIXTURE_EVAL if fixture else MODEL_EVAL
+    d = FIXTURE_EVAL if _is_fixture(model_dir) else MODEL_EVAL
     return load_calibration(model_dir, dataset or d[0], n or d[1], seq_len or d[2], seed)
 
 
@@ -112,27 +116,23 @@ def _versions() -> dict:
     return out
 
 
-def _expert_load(provenance: dict, model_dir: Path, out_root: Path) -> dict:
-    """Routed-token share per expert from the calibration statistics the artifact was made with (or the default
-    statistics file for this source), else not measured."""
+def _expert_load(model_dir: Path, out_root: Path) -> dict:
+    """Routed-token share per expert from this source's calibration statistics (`stepq calibrate`), else not
+    measured."""
     from calib.stats import CalibStats
 
-    cal = provenance.get("calibration") or {}
-    candidates = [Path(cal["path"])] if cal.get("path") else []
-    candidates.append(Path(out_root) / f"{model_name(model_dir)}-calib" / "stats.safetensors")
-    for path in candidates:
-        if path.is_file():
-            stats = CalibStats.load(path)
-            cfg = json.loads((model_dir / "config.json").read_text())
-            out = {}
-            for layer in range(cfg["num_hidden_layers"]):
-                try:
-                    load = stats.expert_load(layer).double()
-                except (KeyError, BadInput):
-                    continue
-                out[str(layer)] = (load / load.sum().clamp(min=1)).tolist()
-            return out or not_measured("no MoE layers in the statistics")
-    return not_measured("no calibration statistics for this source (run `stepq calibrate`)")
+    path = Path(out_root) / f"{model_name(model_dir)}-calib" / "stats.safetensors"
+    if not path.is_file():
+        return not_measured("no calibration statistics for this source (run `stepq calibrate`)")
+    stats = CalibStats.load(path)
+    out = {}
+    for layer in range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]):
+        try:
+            load = stats.expert_load(layer).double()
+        except (KeyError, BadInput):
+            continue  # a dense layer
+        out[str(layer)] = (load / load.sum().clamp(min=1)).tolist()
+    return out or not_measured("no MoE layers in the statistics")
 
 
 def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "out", *, dataset: str | None = None,
@@ -201,7 +201,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
                      "seq_len": text.seq_len, "tokens": text.n * text.seq_len},
             "accuracy": accuracy,
             "weights": weights,
-            "expert_load": _expert_load(provenance, model_dir, out_root),
+            "expert_load": _expert_load(model_dir, out_root),
             "tasks": task_part,
             "speed": speed_part,
             "engines": engines,
@@ -251,11 +251,11 @@ def _tasks(source: Checkpoint, artifact: Path, model_dir: Path, tasks: list[str]
            is_gguf: bool) -> dict:
     from eval.tasks import FIXTURE_TASK_DIR, FIXTURE_TASKS, compare_tasks, run_tasks
 
-    fixture = defaults_for(model_dir).dataset == str(FIXTURE_DATA)
+    fixture = _is_fixture(model_dir)
     names = tasks if tasks is not None else (FIXTURE_TASKS if fixture else [])
     if not names:
         return not_measured("no tasks selected for this model (--tasks)")
-    params = sum(t.entry.nbytes for t in source.tensors.values()) // 2
+    params = sum(math.prod(t.entry.shape) for t in source.tensors.values())
     if params > IN_MEMORY_MAX_PARAMS:
         return not_measured("lm-eval on the full model needs vLLM and a GPU (lm-eval's vllm backend)")
     tok = load_tokenizer(model_dir)
@@ -263,8 +263,9 @@ def _tasks(source: Checkpoint, artifact: Path, model_dir: Path, tasks: list[str]
     for which, art in (("ref", None), ("q", artifact)):
         if which == "q" and is_gguf:
             from eval.gguf_logits import LlamaCppModel
+            from eval.gguf_variant import main_file
 
-            m = LlamaCppModel(next(iter(sorted(artifact.glob("*.gguf")))))
+            m = LlamaCppModel(main_file(artifact))
         else:
             m = forward.in_memory_model(source, art)
         try:
