@@ -134,6 +134,17 @@ class MtpDraftRun:
     log: str
 
 
+def has_mtp_tensors(gguf_path: str | Path) -> bool:
+    """Whether the GGUF (with its split siblings) holds `blk.N.nextn.*` tensors: read from the headers, because
+    llama.cpp's "doesn't contain MTP layers" message can be lost from its asynchronous log at exit."""
+    from gguf import GGUFReader
+
+    path = Path(gguf_path)
+    split = re.fullmatch(r"(.*)-\d{5}-of-(\d{5})\.gguf", path.name)
+    files = sorted(path.parent.glob(f"{split[1]}-*-of-{split[2]}.gguf")) if split else [path]
+    return any(".nextn." in t.name for f in files for t in GGUFReader(f).tensors)
+
+
 def mtp_draft_run(gguf_path: str | Path, prompt: str, n_predict: int, n_draft: int = 1, threads: int | None = None,
                   n_ctx: int = 4096, draft_model: str | Path | None = None, attempts: int = 6) -> MtpDraftRun:
     """One greedy `llama-speculative-simple --spec-type draft-mtp` generation drafting with the GGUF's MTP head
@@ -143,16 +154,13 @@ def mtp_draft_run(gguf_path: str | Path, prompt: str, n_predict: int, n_draft: i
     their count). The tool prints its n_drafted/n_accept summary through an asynchronous logger that can lose the
     last lines at exit; greedy generation is deterministic, so a run whose summary was lost is repeated.
     """
+    if draft_model is None and not has_mtp_tensors(gguf_path):
+        raise BadInput(f"{gguf_path}: no MTP layers (written with --no-mtp?); MTP drafting needs them")
     args = ["-m", gguf_path, "--spec-type", "draft-mtp", "--spec-draft-n-max", n_draft, "-p", prompt,
             "-n", n_predict, "--temp", 0, "-c", n_ctx, "-t", threads or cpu_threads(), "--seed", 1,
             *(["--spec-draft-model", draft_model] if draft_model else [])]
     for _ in range(attempts):
-        try:
-            p = run("llama-speculative-simple", args)
-        except RuntimeError as e:
-            if "doesn't contain MTP layers" in str(e):
-                raise BadInput(f"{gguf_path}: no MTP layers (written with --no-mtp?); MTP drafting needs them") from e
-            raise
+        p = run("llama-speculative-simple", args)
         log = p.stdout + p.stderr
         if "creating MTP draft context" not in log:  # drafting any other way would measure something else
             raise RuntimeError(f"{gguf_path}: llama-speculative-simple did not draft with the MTP head:\n"
