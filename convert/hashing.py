@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from pathlib import Path
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024, stop: threading.Event | None = None) -> str | None:
+    """The file's sha256; None when `stop` is set before it is done."""
     # huggingface_hub stores LFS files as blobs named by their sha256 and links them from the snapshot folder.
     real = Path(path).resolve()
     if Path(path).is_symlink() and _SHA256.match(real.name) and real.parent.name == "blobs":
@@ -17,5 +19,38 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     h = hashlib.sha256()
     with open(real, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
+            if stop is not None and stop.is_set():
+                return None
+            h.update(block)  # hashlib releases the GIL on large blocks: this runs beside the quantize kernels
     return h.hexdigest()
+
+
+class BackgroundHashes:
+    """sha256 of files on one background thread, in the given order. Started before a long pass over the same files
+    (the conversion), it reads them alongside that pass, so one of the two finds the pages already cached, instead
+    of reading the whole model a second time afterwards."""
+
+    def __init__(self, paths: list[Path]):
+        self._paths, self._stop, self._hashes = list(paths), threading.Event(), {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stepq-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for p in self._paths:
+                self._hashes[p] = file_sha256(p, stop=self._stop)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result() on the caller's thread
+            self._error = e
+
+    def result(self, path: Path) -> str:
+        """The hash of one of the files, waiting for the thread to finish."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashes[path]
+
+    def close(self) -> None:
+        """Stop early (the run failed): the thread quits at its next block."""
+        self._stop.set()
+        self._thread.join()

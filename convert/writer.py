@@ -364,6 +364,9 @@ class ArtifactWriter:
             raise self._write_failed(e, self.tmp / PROGRESS_NAME) from e
         self._dir.keep_on_error = True
 
+    def memoized(self, kind: str, key: str) -> bool:
+        return (kind, key) in self._memos
+
     def memo(self, kind: str, key: str, compute):
         """`compute()`, remembered in the progress file under (kind, key): for slow derived facts (e.g. the sha256
         of a 5 GB source shard) that a resumed run should not recompute."""

@@ -14,7 +14,9 @@ import logging
 import resource
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,17 +27,19 @@ from convert.arch.step35 import EXPERT_ROLES, LINEAR_ROLES
 from convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
 from convert.config import model_file, model_name
 from convert.errors import BadInput
-from convert.hashing import file_sha256
+from convert.hashing import BackgroundHashes, file_sha256
 from convert.hub import TOKENIZER_FILES
 from convert.lock import OutputLock
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
+from stepq.executor import Executor, LocalExecutor, Task
 import quant
 from quant.fast_common import all_finite
 from quant.layouts import NEEDS_ACTIVATION_STATS, KeptModule, layout_for
 from quant.recipe import Recipe, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
+SOURCE_SHA256 = "source_sha256"  # progress-file memo kind: a resumed run does not hash the source shards again
 log = logging.getLogger("stepq.quantize")
 
 
@@ -170,20 +174,37 @@ def has_nonfinite(w: torch.Tensor) -> bool:
     return int((bits & mask).max()) == mask
 
 
-def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | None]]:
-    """The output tensors of one unit; `src` is the checkpoint or its meta twin."""
+def parts(unit: Unit) -> list[int | None]:
+    """The pieces a unit is converted in: one per expert for 3-D expert stacks (memory stays at one expert's
+    slices), else the whole unit (None)."""
+    if unit.quantize and unit.experts:
+        return list(range(unit.members[0].entry.shape[0]))
+    return [None]
+
+
+def read_part(src, unit: Unit, expert: int | None) -> list[torch.Tensor]:
+    """The I/O half of a piece: the members' source tensors (mmap views), Inf/NaN-checked."""
+    if expert is None:
+        return [src.checked(t, src.read(t.info.name)) for t in unit.members]
+    return [src.checked(t, src.read_expert(t.info.name, expert)) for t in unit.members]
+
+
+def compute_part(layout, src, unit: Unit, expert: int | None,
+                 ws: list[torch.Tensor]) -> list[tuple[str, torch.Tensor, int | None]]:
+    """The CPU half: the piece's output tensors (name, tensor, first row or None)."""
     if not unit.quantize:
-        t = unit.members[0]
-        yield t.info.name, src.checked(t, src.read(t.info.name)), None  # kept: the source bytes, unchanged
-        return
+        return [(unit.members[0].info.name, ws[0], None)]  # kept: the source bytes, unchanged
     modules = [t.info.module for t in unit.members]
-    if unit.experts:
-        for e in range(unit.members[0].entry.shape[0]):
-            ws = [src.checked(t, src.read_expert(t.info.name, e)) for t in unit.members]
-            yield from layout.experts(modules, e, ws, _acts(src, unit, e), _importance(src, unit, e, layout))
-    else:
-        ws = [src.checked(t, src.read(t.info.name)) for t in unit.members]
-        yield from layout.linear(modules, ws, _acts(src, unit, None), _importance(src, unit, None, layout))
+    acts, importance = _acts(src, unit, expert), _importance(src, unit, expert, layout)
+    if expert is None:
+        return list(layout.linear(modules, ws, acts, importance))
+    return list(layout.experts(modules, expert, ws, acts, importance))
+
+
+def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+    """The output tensors of one unit, piece after piece; `src` is the checkpoint or its meta twin."""
+    for e in parts(unit):
+        yield from compute_part(layout, src, unit, e, read_part(src, unit, e))
 
 
 def _acts(src: _Reader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
@@ -254,21 +275,36 @@ def unit_key(unit: Unit, ckpt: Checkpoint, settings: str, stats_sha256: str | No
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def unit_tasks(unit: Unit, layout, src: _Reader) -> list[Task]:
+    """A unit's pieces as executor tasks; the key (unit, last piece?) tells the writer when to commit the unit."""
+    ps = parts(unit)
+    piece_bytes = sum(t.entry.nbytes for t in unit.members) // len(ps)
+    return [Task((unit, i == len(ps) - 1), partial(read_part, src, unit, e), partial(compute_part, layout, src, unit, e),
+                 piece_bytes) for i, e in enumerate(ps)]
+
+
 def write_units(writer: ArtifactWriter, units: list[Unit], keys: dict[str, str], layout, src: _Reader,
-                specs: list[OutSpec], desc: str) -> None:
-    """Convert and write every unit, in order, each recorded as finished once all its outputs are written; units an
-    interrupted run finished under the same key are verified and kept instead."""
+                specs: list[OutSpec], desc: str, executor: Executor) -> None:
+    """Convert and write every unit, each recorded as finished once all its outputs are written; units an
+    interrupted run finished under the same key are verified and kept instead. The executor reads the next pieces
+    and quantizes while this thread writes; results come back in order, so each shard is written front to back."""
     nbytes = {s.name: s.nbytes for s in specs}
     # disable=None: a progress bar on a terminal only, never \r-garbage in logs and captured stderr
     with tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+        todo = []
         for u in units:
             if writer.reuse(u.id, keys[u.id], u.outputs):
                 bar.update(sum(nbytes[o] for o in u.outputs))
-                continue
-            for name, t, row in emit(u, layout, src):
+            else:
+                todo.append(u)
+        tasks = (task for u in todo for task in unit_tasks(u, layout, src))
+        for task, outputs in executor.map(tasks):
+            for name, t, row in outputs:
                 writer.write(name, t, row)
                 bar.update(t.numel() * t.element_size())
-            writer.commit(u.id, keys[u.id], u.outputs)
+            unit, last = task.key
+            if last:
+                writer.commit(unit.id, keys[unit.id], unit.outputs)
     if writer.reused_units:
         log.info("resumed: %d of %d units reused from the interrupted run", writer.reused_units, len(units))
 
@@ -279,12 +315,16 @@ def variant_name(recipe: Recipe) -> str:
 
 def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
              max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
-             stats=None, method: str = "rtn", allow_nonfinite: bool = False) -> Path:
+             stats=None, method: str = "rtn", allow_nonfinite: bool = False,
+             executor: Executor | None = None) -> Path:
     """`stats`: calibration statistics (`calib.stats.CalibStats`), required by schemes with static activation
     scales (`quant.layouts.NEEDS_ACTIVATION_STATS`) and used as channel importance by `method="search"`.
 
     Re-running after an interruption resumes: units finished by the earlier run (same inputs, same settings, bytes
-    intact) are kept, the rest converted; `force` starts over. One run per output folder (`convert.lock`)."""
+    intact) are kept, the rest converted; `force` starts over. One run per output folder (`convert.lock`).
+
+    `executor` runs the pieces (default: `LocalExecutor`, reading ahead on a thread while the kernels use every
+    core); the source shards are hashed for the provenance on another thread meanwhile."""
     t0 = time.time()
     ckpt = open_checkpoint(model)
     try:
@@ -303,12 +343,19 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
         t_plan = time.time()
         out_dir = Path(out) / f"{model_name(model)}-{variant_name(recipe)}"
         kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        with OutputLock(out_dir), ArtifactWriter(out_dir, force=force, resumable=True, **kwargs) as writer:
+        with ExitStack() as stack:
+            stack.enter_context(OutputLock(out_dir))
+            writer = stack.enter_context(ArtifactWriter(out_dir, force=force, resumable=True, **kwargs))
             writer.plan(specs)
+            hashes = BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)
+                                       if not writer.memoized(SOURCE_SHA256, _shard_memo_key(ckpt, s))])
+            stack.callback(hashes.close)
+            if executor is None:
+                executor = stack.enter_context(LocalExecutor())
             src = _Reader(ckpt, stats=stats, allow_nonfinite=allow_nonfinite)
             settings, stats_sha256 = _settings_digest(ckpt, recipe, method, layout), stats and stats.sha256
             keys = {u.id: unit_key(u, ckpt, settings, stats_sha256) for u in units}
-            write_units(writer, units, keys, layout, src, specs, desc=f"quantize {recipe.name}")
+            write_units(writer, units, keys, layout, src, specs, f"quantize {recipe.name}", executor)
             for name, t, _ in extras:
                 writer.write(name, t)
             t_convert = time.time()
@@ -324,7 +371,7 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             for name in TOKENIZER_FILES:
                 if (path := model_file(ckpt.dir, name)) is not None:
                     writer.copy_file(path)
-            prov = _provenance(ckpt, recipe, method, units, writer, source_id or str(model), revision,
+            prov = _provenance(ckpt, recipe, method, units, writer, hashes, source_id or str(model), revision,
                                {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
             prov["added_tensors"] = {name: why for name, _, why in extras}
             if stats is not None:
@@ -336,15 +383,20 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
     return out_dir
 
 
+def _shard_memo_key(ckpt: Checkpoint, shard: str) -> str:
+    return f"{shard} {json.dumps(ckpt.shard_identity(shard), sort_keys=True)}"
+
+
 def _provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit], writer: ArtifactWriter,
-                source: str, revision: str | None, timings: dict) -> dict:
+                hashes: BackgroundHashes, source: str, revision: str | None, timings: dict) -> dict:
     files = {}
-    for shard in sorted(ckpt.shards) + ["config.json"]:
+    for shard in sorted(ckpt.shards):
         p = ckpt.dir / shard
         # a 5 GB shard takes seconds to hash: a resumed run takes the hash from the progress file
-        ident = json.dumps(ckpt.shard_identity(shard), sort_keys=True) if shard in ckpt.shards else None
-        sha = writer.memo("source_sha256", f"{shard} {ident}", lambda p=p: file_sha256(p)) if ident else file_sha256(p)
+        sha = writer.memo(SOURCE_SHA256, _shard_memo_key(ckpt, shard), lambda p=p: hashes.result(p))
         files[shard] = {"size": p.stat().st_size, "sha256": sha}
+    config = ckpt.dir / "config.json"
+    files["config.json"] = {"size": config.stat().st_size, "sha256": file_sha256(config)}
     decisions = {}
     for u in units:
         for t in u.members:
