@@ -11,10 +11,6 @@ average is recorded with every stage):
      gate_proj): our fast path (global scale + group scales + quantize + pack) against CT 0.19.0's own observer
      math (`generate_gparam`, `calculate_qparams`) + compressor (`NVFP4PackedCompressor.compress`, FP8_BLOCK
      `NaiveQuantizationCompressor.compress`), best of N wall times, and whether the bytes are identical.
-  4. executor pipeline, per scheme: every unit (kept tensors copied, quantized ones expert by expert) through
-     `stepq.executor.LocalExecutor` (reads prefetched and Inf/NaN-checked on a thread while the kernels run),
-     written in order into a planned, fsynced artifact: cold cache, then warm. This is the conversion stage as it
-     runs once stepq/quantize.py hands its units to the executor (imports, config and provenance hashing aside).
 
 Usage: .venv/bin/python bench/convert_real.py [--size quick|full] [--moe-layers N] [--schemes nvfp4a16,fp8-block]
 quick: 1 MoE layer of 32 experts, vocab 32768 (~3 GB, minutes). full: 1 MoE layer of 288 experts, real vocab (~13 GB).
@@ -46,11 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gen_real_shaped  # noqa: E402
 
 from convert.checkpoint import open_checkpoint  # noqa: E402
-from convert.writer import ArtifactWriter  # noqa: E402
 from quant import fast_common  # noqa: E402
-from quant.layouts import layout_for  # noqa: E402
-from stepq.executor import LocalExecutor, Task  # noqa: E402
-from stepq.quantize import load_recipe, plan_outputs, plan_units  # noqa: E402
 
 SIZES = {"quick": {"moe_layers": 1, "experts": 32, "vocab": 32768},
          "full": {"moe_layers": 1, "experts": 288, "vocab": 128896}}
@@ -261,80 +253,6 @@ def kernels_vs_ct(model: Path, repeat: int) -> dict:
     return res
 
 
-def _read_unit(ckpt, names: list[str], expert: int | None):
-    """The I/O half of a unit: mmap views, checked for Inf/NaN (as quantize.py's `checked` does) on the reader
-    thread with the fused check."""
-    ws = [ckpt.read(n) if expert is None else ckpt.read_expert(n, expert) for n in names]
-    for n, w in zip(names, ws):
-        if w.is_floating_point() and not fast_common.all_finite(w):
-            raise ValueError(f"{n}: contains NaN or Inf")
-    return ws
-
-
-def _compute_unit(layout, modules: list[str], expert: int | None, quantize: bool, names: list[str], ws):
-    """The CPU half: the layout's outputs, or the kept tensor itself."""
-    if not quantize:
-        return [(names[0], ws[0], None)]
-    if expert is None:
-        return list(layout.linear(modules, ws))
-    return list(layout.experts(modules, expert, ws))
-
-
-def executor_pipeline(model: Path, scheme: str, shards: list[Path], work: Path, cold: bool) -> dict:
-    """Every unit of the scheme (kept tensors copied, quantized ones expert by expert) through LocalExecutor:
-    read-ahead + Inf/NaN check + fast kernels + ordered writes into a planned, fsynced artifact -- the conversion
-    stage as quantize.py runs it once integrated (config, tokenizer and provenance aside)."""
-    ckpt = open_checkpoint(model)
-    out = work / f"executor-{scheme}"
-    try:
-        recipe = load_recipe(scheme)
-        layout = layout_for(recipe.scheme)
-        units = plan_units(ckpt, recipe)
-        specs = plan_outputs(units, layout, ckpt)
-        tasks, params, nbytes = [], 0, 0
-        for u in units:
-            names = [t.info.name for t in u.members]
-            modules = [t.info.module for t in u.members]
-            for e in (range(u.members[0].entry.shape[0]) if u.quantize and u.experts else [None]):
-                div = u.members[0].entry.shape[0] if e is not None else 1
-                size = sum(t.entry.nbytes // div for t in u.members)
-                tasks.append(Task((u, e), partial(_read_unit, ckpt, names, e),
-                                  partial(_compute_unit, layout, modules, e, u.quantize, names), size))
-                nbytes += size
-                params += sum(t.entry.nbytes // div // (4 if t.entry.dtype == "F32" else 2) for t in u.members)
-        if cold:
-            drop_page_cache(shards)
-        res = {"cold": cold, "units": len(tasks), "params": params, "load_before": load(),
-               "rss_anon_before_mib": _status_kib(os.getpid(), "RssAnon") / 1024}
-        peak, done = [0], threading.Event()
-
-        def sample():  # this process's anonymous memory while the pipeline runs (baseline: imports, CT, torch)
-            while not done.is_set():
-                peak[0] = max(peak[0], _status_kib(os.getpid(), "RssAnon"))
-                time.sleep(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t0 = time.perf_counter()
-        with ArtifactWriter(out, force=True) as writer, LocalExecutor(prefetch=2, workers=1) as ex:
-            writer.plan(specs)
-            with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"executor {scheme} ({'cold' if cold else 'warm'})",
-                      mininterval=2) as bar:
-                for task, outputs in ex.map(tasks):
-                    for name, t, row in outputs:
-                        writer.write(name, t, row)
-                    bar.update(task.nbytes)
-        seconds = time.perf_counter() - t0
-        done.set()
-        sampler.join()
-        res.update(wall_s=seconds, mparam_per_s=params / seconds / 1e6, load_after=load(),
-                   peak_rss_anon_mib=peak[0] / 1024)
-        return res
-    finally:
-        ckpt.close()
-        shutil.rmtree(out, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -351,11 +269,6 @@ def summary(r: dict) -> str:
         lines.append(f"{s:<30} {e['wall_s']:>7.1f} {e['mparam_per_s']:>9.0f} {e['wall_s'] / cr['seconds']:>9.2f} "
                      f"{e['stepq_timings']['convert_s']:>9.1f} {e['peak_rss_anon_mib']:>11.0f} "
                      f"{e['peak_rss_mib']:>8.0f} {e['load_after']:>5}")
-    lines += ["", f"{'executor pipeline (all units)':<36} {'wall s':>7} {'Mparam/s':>9} {'wall/read':>9} "
-              f"{'RssAnon MiB (before)':>20} {'load':>5}"]
-    for key, e in r["executor"].items():
-        lines.append(f"{key:<36} {e['wall_s']:>7.1f} {e['mparam_per_s']:>9.0f} {e['wall_s'] / cr['seconds']:>9.2f} "
-                     f"{e['peak_rss_anon_mib']:>11.0f} ({e['rss_anon_before_mib']:>5.0f}) {e['load_after']:>5}")
     lines += ["", f"{'kernel vs compressed-tensors':<28} {'ours Mparam/s':>13} {'CT Mparam/s':>11} {'speedup':>8} "
               f"{'identical':>9}"]
     for name, k in r["kernels"].items():
@@ -377,7 +290,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="kernel timings: best of N")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "stepq" / "bench" / "work",
                     help="scratch folder for artifacts (deleted after each stage); same disk as the source")
-    ap.add_argument("--skip", default="", help="comma list of stages to skip: e2e,kernels,executor")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: e2e,kernels")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     size = dict(SIZES[a.size])
@@ -406,12 +319,6 @@ def main() -> None:
             for s in schemes:
                 print(f"end to end: stepq quantize --scheme {s} ...", flush=True)
                 r["end_to_end"][s] = end_to_end(model, s, shards, params, work)
-        r["executor"] = {}
-        if "executor" not in skip:
-            for s in schemes:
-                for cold in (True, False):
-                    r["executor"][f"{s} ({'cold' if cold else 'warm'} cache)"] = executor_pipeline(
-                        model, s, shards, work, cold)
         r["kernels"] = {}
         if "kernels" not in skip:
             print("kernels vs compressed-tensors ...", flush=True)
