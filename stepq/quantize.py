@@ -279,8 +279,8 @@ def unit_tasks(unit: Unit, layout, src: _Reader) -> list[Task]:
     """A unit's pieces as executor tasks; the key (unit, last piece?) tells the writer when to commit the unit."""
     ps = parts(unit)
     piece_bytes = sum(t.entry.nbytes for t in unit.members) // len(ps)
-    return [Task((unit, i == len(ps) - 1), partial(read_part, src, unit, e), partial(compute_part, layout, src, unit, e),
-                 piece_bytes) for i, e in enumerate(ps)]
+    return [Task((unit, i == len(ps) - 1), partial(read_part, src, unit, e),
+                 partial(compute_part, layout, src, unit, e), piece_bytes) for i, e in enumerate(ps)]
 
 
 def write_units(writer: ArtifactWriter, units: list[Unit], keys: dict[str, str], layout, src: _Reader,
