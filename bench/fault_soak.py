@@ -7,12 +7,14 @@ committed units (read from the progress file, so the points spread over the whol
 speed) plus a few milliseconds, or at a random time since the process started (imports, validation, planning,
 locking). A watcher thread polls for the final folder and records what it holds the moment it appears.
 
-`--calibrate-kills N` also kills `stepq calibrate` N times (it does not resume: each re-run starts over, removes
-what the killed run left, and must give the same statistics; a statistics file is never visible half-written).
+`--calibrate-kills N` also kills `stepq calibrate` N times, in the same kind of rounds: each re-run resumes after the
+last layer a killed run checkpointed, the finished statistics must equal an uninterrupted run's (tensors and
+metadata, but the run's timings and peak memory), and the statistics file is never visible unfinished.
 
 Usage: .venv/bin/python bench/fault_soak.py [MODEL] [--kills 200] [--calibrate-kills 20] [--seed 1]
        [--schemes fp8-block-all,nvfp4a16]
-Writes bench/results/fault_soak.json. tests/test_resume.py runs the quantize rounds with 20 kills.
+Writes bench/results/fault_soak.json. tests/test_resume.py runs the quantize rounds with 20 kills,
+tests/test_resume_calibrate.py the calibrate rounds with 6.
 """
 
 from __future__ import annotations
@@ -51,25 +53,30 @@ def artifact_digest(folder: Path) -> dict[str, str]:
     return digest
 
 
-class FinalWatcher(threading.Thread):
-    """Polls for the final folder; each time it (re)appears, records the names of its files at that instant."""
+def _file_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
-    def __init__(self, final: Path, every_s: float = 0.001):
+
+class FinalWatcher(threading.Thread):
+    """Polls for the final folder (or file); each time it (re)appears, records `look(final)` at that instant: by
+    default the names of the folder's files."""
+
+    def __init__(self, final: Path, every_s: float = 0.001, look=_file_names):
         super().__init__(daemon=True)
-        self.final, self.every_s = final, every_s
-        self.sightings: list[list[str]] = []
+        self.final, self.every_s, self.look = final, every_s, look
+        self.sightings: list = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         present = False
         while not self._stop_event.is_set():
             try:
-                names = sorted(p.name for p in self.final.iterdir())
+                seen = self.look(self.final)
             except FileNotFoundError:
                 present = False
             else:
                 if not present:
-                    self.sightings.append(names)
+                    self.sightings.append(seen)
                 present = True
             time.sleep(self.every_s)
 
@@ -86,9 +93,13 @@ class Figures:
     resumed_runs: int = 0  # runs that reused units finished by a killed one
     units_reused: int = 0
     identical_rounds: int = 0
-    partial_sightings: int = 0  # final folder seen with other files than the finished artifact: must stay 0
+    partial_sightings: int = 0  # final folder (statistics file) seen other than finished: must stay 0
     calibrate_kills: int = 0
+    calibrate_runs: int = 0
+    calibrate_rounds: int = 0
     calibrate_identical: int = 0
+    calibrate_resumed_runs: int = 0  # runs that continued after layers a killed run checkpointed
+    calibrate_layers_reused: int = 0
     stray_files: list[str] = field(default_factory=list)  # anything but the lock and the temp folder after a kill
     kill_points: dict[str, int] = field(default_factory=dict)
 
@@ -100,17 +111,19 @@ def _progress_lines(progress: Path) -> int:
         return 0
 
 
-def _units_done(progress: Path) -> int:
+def _units_done(progress: Path, field: str = "unit") -> int:
+    """Finished units in a progress file: lines that start with `field` (quantize: "unit", calibrate: "layer")."""
     try:
         lines = progress.read_text().splitlines()
     except FileNotFoundError:
         return 0
-    return len({json.loads(line)["unit"] for line in lines if line.startswith('{"unit"')})
+    return len({json.loads(line)[field] for line in lines if line.startswith(f'{{"{field}"')})
 
 
 def _run_once(cmd: list[str], progress: Path, rng: random.Random, units: int, kill: bool, log: Path,
-              startup_s: float) -> tuple[int | None, str]:
-    """One run; with `kill`, SIGKILL at a random point. -> (exit code or None if killed, kill point kind)."""
+              startup_s: float, field: str = "unit", settle_s: float = 0.02) -> tuple[int | None, str]:
+    """One run; with `kill`, SIGKILL at a random point: a random time after the start, or up to `settle_s` after a
+    random number of further progress lines. -> (exit code or None if killed, kill point kind)."""
     with open(log, "w") as err:
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
     if not kill:
@@ -120,12 +133,14 @@ def _run_once(cmd: list[str], progress: Path, rng: random.Random, units: int, ki
     else:
         # a run appends the header (if new), a line per unit it finishes, then a memo line per source shard:
         # aim anywhere in what is left, up to just past the last unit (provenance, publish)
-        left = units - _units_done(progress)
+        left = units - _units_done(progress, field)
         kind, deadline, target = "progress", None, _progress_lines(progress) + rng.randint(1, left + 1)
     while p.poll() is None:
         if (deadline is not None and time.time() >= deadline) or (
                 target is not None and _progress_lines(progress) >= target):
-            time.sleep(rng.uniform(0, 0.02))  # between two commits, not always right after one
+            time.sleep(rng.uniform(0, settle_s))  # between two commits, not always right after one
+            if p.poll() is not None:
+                break  # it finished meanwhile: not a kill
             p.send_signal(signal.SIGKILL)
             p.wait()
             return None, kind
@@ -193,10 +208,68 @@ def stats_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stats_look(path: Path) -> str:
+    """What the watcher records of a statistics file the moment it appears: its digest, or that it is unreadable."""
+    try:
+        return stats_digest(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a torn file fails to parse in many ways: that is the finding
+        return f"unreadable: {e.__class__.__name__}"
+
+
+def calibrate_round(cmd: list[str], stats: Path, reference: str, rng: random.Random, layers: int, max_kills: int,
+                    figures: Figures, startup_s: float, layer_s: float) -> None:
+    """Kill successive runs of the calibrate `cmd` (writing `stats`) up to `max_kills` times, then let one finish;
+    the statistics must equal `reference`. Kills come at a random time up to `startup_s`, or up to `layer_s` after a
+    random number of finished layers. Figures are added to `figures`; mismatches raise AssertionError."""
+    progress = stats.parent / f".{stats.name}.partial" / "progress.jsonl"
+    out = stats.parent.parent
+    watcher = FinalWatcher(stats, look=_stats_look)
+    watcher.start()
+    kills = 0
+    try:
+        while True:
+            log = out.parent / f"{out.name}-run{figures.calibrate_runs}.err"
+            code, kind = _run_once(cmd, progress, rng, layers, kills < max_kills, log, startup_s, field="layer",
+                                   settle_s=layer_s)
+            figures.calibrate_runs += 1
+            text = log.read_text()
+            if m := re.search(r"resumed: (\d+) layers reused", text):
+                figures.calibrate_resumed_runs += 1
+                figures.calibrate_layers_reused += int(m.group(1))
+            if code is None:
+                kills += 1
+                figures.calibrate_kills += 1
+                figures.kill_points[f"calibrate-{kind}"] = figures.kill_points.get(f"calibrate-{kind}", 0) + 1
+                if stats.parent.is_dir():  # the checkpoints, a statistics file cut short: the next run takes them
+                    figures.stray_files += [p.name for p in stats.parent.iterdir() if p.name != stats.name and not
+                                            p.name.startswith((f".{stats.name}.partial", f".{stats.name}.tmp-"))]
+                if stats.exists():
+                    break  # killed after the rename: the statistics are complete
+                continue
+            assert code == 0, f"run exited {code}:\n{text}"
+            break
+    finally:
+        watcher.stop()
+    figures.calibrate_rounds += 1
+    figures.partial_sightings += sum(1 for seen in watcher.sightings if seen != reference)
+    assert watcher.sightings, "the statistics file never appeared"
+    assert stats_digest(stats) == reference
+    figures.calibrate_identical += 1
+    # after a finished run only the statistics are left; after a kill past the rename, the checkpoints may be too
+    leftovers = [p.name for p in stats.parent.iterdir() if p.name != stats.name]
+    assert not leftovers or (code is None and leftovers == [f".{stats.name}.partial"]), leftovers
+
+
 def calibrate_soak(model: Path, kills: int, rng: random.Random, work: Path, figures: Figures,
-                   args: tuple[str, ...] = ("--num-samples", "4", "--seq-len", "64")) -> None:
-    """Kill `stepq calibrate` at random times, `kills` times, re-running after each; every statistics file that
-    exists after a kill must be complete, and the finished one must equal an uninterrupted run's."""
+                   args: tuple[str, ...] = ("--num-samples", "4", "--seq-len", "64"),
+                   max_kills_per_round: int = 6) -> None:
+    """Kill `stepq calibrate` at random points, `kills` times in all, in rounds (`calibrate_round`) that each start
+    from an empty output folder."""
+    from calib.stats import CalibStats
+    from convert.config import load_config
+
     ref = work / "calib-ref"
     t0 = time.time()
     subprocess.run([*STEPQ, "calibrate", str(model), "--out", str(ref), *args], check=True, cwd=ROOT,
@@ -204,30 +277,16 @@ def calibrate_soak(model: Path, kills: int, rng: random.Random, work: Path, figu
     full_s = time.time() - t0
     (stats_ref,) = ref.glob("*-calib/stats.safetensors")
     reference = stats_digest(stats_ref)
-    out = work / "calib-out"
-    stats = out / stats_ref.parent.name / stats_ref.name
-    cmd = [*STEPQ, "calibrate", str(model), "--out", str(out), "--force", *args]
-    done = 0
-    while done < kills:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-        deadline = time.time() + rng.uniform(0, full_s)
-        while p.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            done += 1
-            figures.calibrate_kills += 1
-        else:
-            assert p.returncode == 0
-        if stats.exists():  # an earlier finished run's file, or this one's: always whole
-            assert stats_digest(stats) == reference
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert stats_digest(stats) == reference
-    left = sorted(x.name for x in stats.parent.iterdir())
-    assert left == [stats.name], left  # spilled activations and temporary files of killed runs are gone
-    figures.calibrate_identical += 1
+    layers = load_config(model).num_layers
+    layer_s = CalibStats.load(stats_ref).meta["timings"]["stream_s"] / layers
+    r = 0
+    while figures.calibrate_kills < kills:
+        out = work / f"calib-round{r}"
+        stats = out / stats_ref.parent.name / stats_ref.name
+        cmd = [*STEPQ, "calibrate", str(model), "--out", str(out), *args]
+        calibrate_round(cmd, stats, reference, rng, layers, min(max_kills_per_round, kills - figures.calibrate_kills),
+                        figures, full_s, layer_s)
+        r += 1
 
 
 def units_of(model: Path, scheme: str) -> int:

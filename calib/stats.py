@@ -28,6 +28,7 @@ from calib.data import open_source, resolve_settings
 from convert.config import Step35Config
 from convert.errors import BadInput
 from convert.hashing import file_sha256
+from convert.writer import WriteFailed
 
 if TYPE_CHECKING:
     from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
@@ -37,6 +38,7 @@ log = logging.getLogger("stepq.calib")
 FORMAT_VERSION = 1
 META_KEY = "stepq_calibration"
 CHEAP_HASH_BYTES = 256 << 20  # shards up to this size are hashed for the source fingerprint; larger: size + mtime
+_ACC_FIELDS = ("amax", "sumsq", "tokens")
 
 
 # ---- collection ----------------------------------------------------------------------------------------------------
@@ -68,6 +70,12 @@ class _Acc:
         self.sumsq[i] += sumsq
         self.tokens[i] += n
 
+    @classmethod
+    def restored(cls, amax: torch.Tensor, sumsq: torch.Tensor, tokens: torch.Tensor) -> _Acc:
+        acc = cls.__new__(cls)
+        acc.amax, acc.sumsq, acc.tokens = amax, sumsq, tokens
+        return acc
+
     def tensors(self, module: str) -> dict[str, torch.Tensor]:
         return {f"{module}.input_amax": self.amax.amax(-1), f"{module}.input_channel_amax": self.amax.clone(),
                 f"{module}.input_sumsq": self.sumsq.float(), f"{module}.tokens": self.tokens.clone()}
@@ -83,6 +91,7 @@ class StatsCollector:
         self.load: dict[int, torch.Tensor] = {}
         self._hooks: list = []
         self._last: tuple[torch.Tensor, tuple] | None = None
+        self._taken: set[str] = set()  # state keys already handed to a checkpoint (or restored from one)
 
     def module_name(self, ref_name: str) -> str:
         """ReferenceModel module name -> checkpoint module name (`mlp.shared_experts.x` -> `share_expert.x`, ...)."""
@@ -149,6 +158,33 @@ class StatsCollector:
         self.acc.setdefault(name, _Acc(x.shape[-1]))
         self._record(name, x)
 
+    # -- per-layer checkpoints (calib.resume) -------------------------------------------------------------------
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {f"{name}.{field}": getattr(acc, field) for name, acc in self.acc.items() for field in _ACC_FIELDS}
+        state.update({f"model.layers.{layer}.moe.expert_load": load for layer, load in self.load.items()})
+        return state
+
+    def take_state(self) -> dict[str, torch.Tensor]:
+        """The raw accumulators (and expert loads) that appeared since the last call: what the layer that just ran
+        added. Every module is recorded within one layer (the lm_head's inputs right after the trunk), so they are
+        final, and a layer's checkpoint stores them once."""
+        new = {k: t for k, t in self._state().items() if k not in self._taken}
+        self._taken.update(new)
+        return new
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `take_state` gave (a resumed run, for the layers it does not run again)."""
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            module, field = key.rsplit(".", 1)
+            by_module.setdefault(module, {})[field] = t
+        for module, fields in by_module.items():
+            if "expert_load" in fields:
+                self.load[int(module.split(".")[2])] = fields["expert_load"]
+            else:
+                self.acc[module] = _Acc.restored(**fields)
+        self._taken.update(state)
+
     def result(self) -> tuple[dict[str, torch.Tensor], dict]:
         """-> (tensors for stats.safetensors, summary for the metadata)."""
         tensors: dict[str, torch.Tensor] = {}
@@ -184,7 +220,8 @@ def model_fingerprint(model_dir: str | Path) -> dict:
 # ---- the store -------------------------------------------------------------------------------------------------------
 
 def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Atomic: temp file in the same folder, fsync, rename, fsync the folder."""
+    """Atomic: temp file in the same folder, fsync, rename, fsync the folder. A failed write raises WriteFailed and
+    leaves nothing behind (the caller says what else it keeps)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -201,9 +238,9 @@ def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -
         finally:
             os.close(fd)
     except OSError as e:  # disk full, file size limit: one line, and no half-written file left behind
-        raise BadInput(f"{path}: cannot write the statistics file ({e.strerror or e}); nothing kept")
+        raise WriteFailed(f"{path}: cannot write the statistics file ({e.strerror or e})")
     except SafetensorError as e:  # how safetensors reports a failed write ("I/O error: File too large")
-        raise BadInput(f"{path}: cannot write the statistics file ({str(e).splitlines()[0]}); nothing kept")
+        raise WriteFailed(f"{path}: cannot write the statistics file ({str(e).splitlines()[0]})")
     finally:
         tmp.unlink(missing_ok=True)
     return path

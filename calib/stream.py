@@ -3,12 +3,14 @@
 Each layer is transformers' `Step3p7DecoderLayer` (or `calib.reference.MtpLayer` for the MTP head) built on the
 meta device and given the checkpoint's tensors with `load_state_dict(assign=True)`, named by
 `calib.reference.from_checkpoint_names`; masks and RoPE follow `calib.reference.ReferenceModel`. Activations live
-in RAM below `spill_bytes` and in a numpy memmap in a temp dir above it. An observer (calib.stats) sees each layer
-while it runs; logits are only computed when asked for (the golden test), never during calibration.
+in RAM below `spill_bytes` and in a numpy memmap on disk above it. An observer (calib.stats) sees each layer while it
+runs; logits are only computed when asked for (the golden test), never during calibration. With `checkpoints`
+(calib.resume) each finished layer's output is persisted, and a re-run starts after the last finished layer.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +33,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
 from calib.reference import MtpLayer, from_checkpoint_names, text_config
 from convert.checkpoint import Checkpoint
 from convert.errors import BadInput
+from convert.writer import fsync_path
 
 SPILL_BYTES = 4 << 30           # activations above this go to disk
 MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch
@@ -46,23 +49,47 @@ class Observer(Protocol):
     def head_input(self, module: str, x: torch.Tensor) -> None: ...
 
 
-class Activations:
-    """[N, T, H] activations: a tensor in RAM, or a numpy memmap in a private temp dir when larger than `spill`."""
+class Checkpoints(Protocol):
+    """Per-layer checkpoints (calib.resume.LayerCheckpoints). Layers are numbered as in the checkpoint: trunk, then
+    MTP. A layer's checkpoint covers what the observer recorded since the previous one: the lm_head inputs go with
+    the first MTP layer's (or stay in memory when there is none)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, spill_bytes: int, tmp_dir: str | None = None):
-        self.shape, self.dtype = shape, dtype
-        nbytes = prod(shape) * dtype.itemsize
-        self.dir = None
-        if nbytes > spill_bytes:
-            self.dir = Path(tempfile.mkdtemp(prefix="stepq-act-", dir=tmp_dir))
-            self._mm = np.memmap(self.dir / "act.bin", dtype=_NP_DTYPES[dtype], mode="w+", shape=shape)
-            self._t = None
-        else:
+    def resume(self, spill_bytes: int) -> tuple[int, Activations] | None: ...  # (last finished layer, its output)
+    def spill_file(self, layer: int) -> Path: ...  # where `layer`'s output goes when it is spilled to disk
+    def commit(self, layer: int, output: Activations) -> None: ...
+
+
+class Activations:
+    """[N, T, H] activations: a tensor in RAM up to `spill_bytes`, above it a numpy memmap of `file` (kept on close: a
+    checkpoint) or of a file in a private temp dir (removed on close). `create=False` reads back a file from `save`
+    (read-only when memory-mapped)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, spill_bytes: int, tmp_dir: str | None = None,
+                 file: Path | None = None, create: bool = True):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.dir: Path | None = None
+        self.file: Path | None = None
+        self._t: torch.Tensor | None = None
+        self._mm: np.memmap | None = None
+        if prod(shape) * dtype.itemsize <= spill_bytes:
             self._t = torch.empty(shape, dtype=dtype)
+            if not create:
+                with open(file, "rb") as f:
+                    f.readinto(self._raw())
+            return
+        if file is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="stepq-act-", dir=tmp_dir))
+            file = self.dir / "act.bin"
+        self.file = Path(file)
+        self._mm = np.memmap(self.file, dtype=_NP_DTYPES[dtype], mode="w+" if create else "r", shape=self.shape)
 
     @property
     def on_disk(self) -> bool:
-        return self.dir is not None
+        return self._mm is not None
+
+    def _raw(self) -> np.ndarray:
+        """The RAM tensor's bytes, as a flat uint8 array sharing its memory."""
+        return self._t.reshape(-1).view(torch.uint8).numpy()
 
     def __getitem__(self, idx) -> torch.Tensor:
         if self._t is not None:
@@ -80,12 +107,39 @@ class Activations:
     def tensor(self) -> torch.Tensor:
         return self._t if self._t is not None else self[:]
 
+    def save(self, path: Path) -> None:
+        """Persist as the file `path`: written under a temporary name (a spilled file is its own), fsynced and renamed
+        into place, so after a crash `path` is whole or absent. A spilled file stays mapped under its new name."""
+        if self._mm is not None:
+            self._mm.flush()
+            replace_durably(self.file, path)
+            self.file = path
+        else:
+            write_durably(path, self._raw())
+
     def close(self) -> None:
+        self._mm = self._t = None  # the memory map closes with its last reference
         if self.dir is not None:
-            del self._mm
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-        self._t = None
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the folder: a crash leaves the old `path` or the new one."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def write_durably(path: Path, data) -> None:
+    """`data` (bytes-like) as the file `path`, via a temporary file (`replace_durably`); errors name the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        e.filename = e.filename or str(tmp)  # a failed write() names no file
+        raise
+    replace_durably(tmp, path)
 
 
 @dataclass
@@ -166,16 +220,22 @@ class _Progress:
 def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | None = None, *,
                    keep_outputs: bool = False, dtype: torch.dtype = torch.float32,
                    spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int = MICRO_BATCH_TOKENS,
-                   tmp_dir: str | None = None, progress: bool = True) -> StreamResult:
+                   tmp_dir: str | None = None, progress: bool = True,
+                   checkpoints: Checkpoints | None = None) -> StreamResult:
     """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer in memory at a time.
 
-    keep_outputs=True also returns the trunk hidden state, the final logits and the MTP logits (tests)."""
+    keep_outputs=True also returns the trunk hidden state, the final logits and the MTP logits (tests).
+    checkpoints: persist each finished layer and start after the last one an earlier run finished (calibration;
+    not with keep_outputs, which needs every layer's outputs)."""
+    if keep_outputs and checkpoints is not None:
+        raise ValueError("keep_outputs needs every layer run in this call: no checkpoints")
     cfg = ckpt.config
     _check_mtp_rope(cfg)
     n_seq, seq_len = ids.shape
     h_dim = cfg.hidden_size
     bsz = max(1, micro_batch_tokens // seq_len)
-    res = StreamResult()
+    # the embedding output is the largest activation: it decides, whatever layer a resumed run starts at
+    res = StreamResult(spilled=n_seq * seq_len * h_dim * dtype.itemsize > spill_bytes)
     trunk_config = text_config(cfg.raw)
     rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table, as the reference does
     pos = torch.arange(seq_len)[None]
@@ -185,24 +245,33 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     embed = ckpt.read("model.embed_tokens.weight")
     t_start = time.time()
 
-    def new(t: int) -> Activations:
-        a = Activations((n_seq, t, h_dim), dtype, spill_bytes, tmp_dir)
-        res.spilled |= a.on_disk
-        return a
+    def new(t: int, layer: int | None = None) -> Activations:
+        file = checkpoints.spill_file(layer) if checkpoints is not None and layer is not None else None
+        return Activations((n_seq, t, h_dim), dtype, spill_bytes, tmp_dir, file)
 
-    x = new(seq_len)
-    for b in range(0, n_seq, bsz):
-        x[b:b + bsz] = F.embedding(ids[b:b + bsz], embed).to(dtype)
-    res.timings["embed_s"] = time.time() - t_start
+    def finish(layer: int, x: Activations, y: Activations) -> Activations:
+        if checkpoints is not None:
+            checkpoints.commit(layer, y)
+        x.close()
+        return y
+
+    resumed = checkpoints.resume(spill_bytes) if checkpoints is not None else None
+    if resumed:
+        done, x = resumed
+    else:
+        done, x = -1, new(seq_len)
+        for b in range(0, n_seq, bsz):
+            x[b:b + bsz] = F.embedding(ids[b:b + bsz], embed).to(dtype)
+        res.timings["embed_s"] = time.time() - t_start
 
     total_layers = cfg.num_layers
-    for i in range(cfg.num_trunk_layers):
+    for i in range(done + 1, cfg.num_trunk_layers):
         t0 = time.time()
         layer, prefix = build_layer(ckpt, i, dtype)
         lt = trunk_config.layer_types[i]
         if observer:
             observer.attach(layer, prefix, i)
-        y = new(seq_len)
+        y = new(seq_len, i)
         with _Progress(n_seq * seq_len, f"calib layer {i + 1}/{total_layers}", progress) as bar:
             for b in range(0, n_seq, bsz):
                 y[b:b + bsz] = layer(x[b:b + bsz], attention_mask=mask[lt], position_embeddings=rope[lt],
@@ -211,35 +280,38 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         if observer:
             observer.detach(i)
         del layer
-        x.close()
-        x = y
+        x = finish(i, x, y)
         res.timings[f"layer_{i}_s"] = time.time() - t0
 
-    # Final norm + lm_head: the head input is recorded; logits only when asked for.
-    t0 = time.time()
-    norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
-    norm.weight = nn.Parameter(ckpt.read("model.norm.weight").to(dtype), requires_grad=False)
-    lm_head = ckpt.read("lm_head.weight").to(dtype) if keep_outputs else None
-    logits = []
-    for b in range(0, n_seq, bsz):
-        h = norm(x[b:b + bsz])
-        if observer:
-            observer.head_input("lm_head", h)
-        if lm_head is not None:
-            logits.append(F.linear(h, lm_head))
-    if keep_outputs:
-        res.hidden, res.logits = x.tensor().clone(), torch.cat(logits)
-    res.timings["lm_head_s"] = time.time() - t0
+    # Final norm + lm_head: the head input is recorded; logits only when asked for. An earlier run that finished an
+    # MTP layer has recorded the head inputs already (in that layer's checkpoint).
+    if done < cfg.num_trunk_layers:
+        t0 = time.time()
+        norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
+        norm.weight = nn.Parameter(ckpt.read("model.norm.weight").to(dtype), requires_grad=False)
+        lm_head = ckpt.read("lm_head.weight").to(dtype) if keep_outputs else None
+        logits = []
+        for b in range(0, n_seq, bsz):
+            h = norm(x[b:b + bsz])
+            if observer:
+                observer.head_input("lm_head", h)
+            if lm_head is not None:
+                logits.append(F.linear(h, lm_head))
+        if keep_outputs:
+            res.hidden, res.logits = x.tensor().clone(), torch.cat(logits)
+        res.timings["lm_head_s"] = time.time() - t0
 
     # MTP depth k at position t sees tokens <= t+k: input = previous hidden[:, :L-k] and embed(ids[:, k:]).
     rope_swa, swa = rope["sliding_attention"], mask["sliding_attention"]
     for k, i in enumerate(cfg.mtp_layers, start=1):
+        if i <= done:
+            continue
         t0 = time.time()
         layer, prefix = build_layer(ckpt, i, dtype)
         if observer:
             observer.attach(layer, prefix, i)
         t = seq_len - k
-        y, mtp_logits = new(t), []
+        y, mtp_logits = new(t, i), []
         with _Progress(n_seq * t, f"calib layer {i + 1}/{total_layers} (MTP {k})", progress) as bar:
             for b in range(0, n_seq, bsz):
                 e = F.embedding(ids[b:b + bsz, k:], embed).to(dtype)
@@ -259,8 +331,7 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         if keep_outputs:
             res.mtp_logits.append(torch.cat(mtp_logits))
         del layer
-        x.close()
-        x = y
+        x = finish(i, x, y)
         res.timings[f"layer_{i}_s"] = time.time() - t0
     x.close()
     res.timings["stream_s"] = time.time() - t_start

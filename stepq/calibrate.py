@@ -1,29 +1,38 @@
 """`stepq calibrate`: layer-streamed calibration of a checkpoint -> one statistics file reused by every format.
 
 Top to bottom: resolve settings -> reuse a matching statistics file unless forced -> sample the calibration tokens ->
-stream them through the model with the statistics observer -> write `<out>/<model>-calib/stats.safetensors`
-atomically, with provenance and timings in its metadata.
+take up the checkpoints of an interrupted run with the same key (calib.resume) -> stream the tokens through the
+remaining layers with the statistics observer, checkpointing each layer -> write
+`<out>/<model>-calib/stats.safetensors` atomically, with provenance and timings in its metadata -> drop the
+checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import stepq
-from calib.data import load_calibration, resolve_settings
+from calib.data import CalibData, load_calibration, resolve_settings
 from calib.stats import FORMAT_VERSION, CalibStats, StatsCollector, model_fingerprint, save_stats
 from convert.checkpoint import open_checkpoint
 from convert.config import model_name
 from convert.errors import BadInput
 from convert.lock import OutputLock
+from convert.writer import WriteFailed
+
+if TYPE_CHECKING:
+    from calib.resume import LayerCheckpoints
 
 log = logging.getLogger("stepq.calibrate")
 STATS_NAME = "stats.safetensors"
@@ -60,67 +69,122 @@ def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str |
     `micro_batch_tokens` default to `calib.stream`'s SPILL_BYTES and MICRO_BATCH_TOKENS.
 
     An existing file is reused when its source, dataset contents and settings match (`CalibStats.matches`) and
-    `force` is off; otherwise it is recomputed and replaced atomically. One run per output folder (`convert.lock`);
-    on an error a folder this run created is removed again, and so are activations spilled by a killed run."""
+    `force` is off; otherwise it is recomputed and replaced atomically. Each finished layer is checkpointed
+    (calib.resume): re-running after an interruption continues after the last finished layer, with the same result;
+    `force` starts over. One run per output folder (`convert.lock`). On an error, finished layers are kept for the
+    resume (except on bad input); with none, a folder this run created is removed again."""
     model_dir = Path(model_dir)
     out = stats_path(model_dir, out_root)
     with OutputLock(out.parent):
         created = not out.parent.exists()
-        # left by a run that was killed (the lock says it is gone): spilled activations, a half-written file
+        # left by a killed run (the lock says it is gone): a half-written file; activations spilled by older stepq
         for stale in [*out.parent.glob("stepq-act-*"), *out.parent.glob(f".{out.name}.tmp-*")]:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        partial = out.parent / f".{out.name}.partial"
+        if not force and _reusable(out, model_dir, dataset, n, seq_len, seed, all_experts):
+            log.info("reusing %s (same source, dataset and settings)", out)
+            shutil.rmtree(partial, ignore_errors=True)  # of a run killed just after writing `out`, or of other settings
+            return out
+        # Imported here: transformers' model code takes seconds to import, and `stepq quantize` calls this function
+        # even when it reuses a statistics file.
+        from calib.resume import LayerCheckpoints
+
+        checkpoints = LayerCheckpoints(partial)
         try:
-            return _calibrate(model_dir, out, dataset, n, seq_len, seed, all_experts, force, dtype, spill_bytes,
-                              micro_batch_tokens, progress)
-        except BaseException:
-            if created:
-                shutil.rmtree(out.parent, ignore_errors=True)
-            raise
+            return _calibrate(model_dir, out, checkpoints, dataset, n, seq_len, seed, all_experts, force, dtype,
+                              spill_bytes, micro_batch_tokens, progress)
+        except BaseException as e:
+            raise _failed(e, out, checkpoints, created)
 
 
-def _calibrate(model_dir: Path, out: Path, dataset, n, seq_len, seed, all_experts, force, dtype, spill_bytes,
-               micro_batch_tokens, progress) -> Path:
-    # Imported here: transformers' model code takes seconds to import, and `stepq quantize` imports this module
-    # even when it reuses a statistics file or needs none.
-    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, stream_forward
+def _reusable(out: Path, model_dir: Path, dataset, n, seq_len, seed, all_experts) -> bool:
+    try:
+        return out.is_file() and CalibStats.load(out).matches(model_dir, dataset, n, seq_len, seed, all_experts)
+    except BadInput:
+        return False  # unreadable or older format: recompute
+
+
+def _failed(e: BaseException, out: Path, checkpoints: LayerCheckpoints, created: bool) -> BaseException:
+    """Clean up after `e` and return what to raise: write failures as one line that says what was kept."""
+    bad_input = isinstance(e, BadInput) and not isinstance(e, WriteFailed)
+    kept = checkpoints.kept and not bad_input
+    if not kept:
+        if checkpoints.opened:
+            checkpoints.remove()
+        if created:
+            shutil.rmtree(out.parent, ignore_errors=True)
+    note = (f"finished layers kept in {checkpoints.dir}: re-run the same command to resume, --force to start over"
+            if kept else "nothing kept")
+    if isinstance(e, OSError):  # writing a checkpoint: part of writing the statistics file
+        where = f": {e.filename}" if e.filename else ""
+        return WriteFailed(f"{out}: cannot write the statistics file ({e.strerror or e}{where}); {note}")
+    if isinstance(e, WriteFailed):
+        return WriteFailed(f"{e}; {note}")
+    if kept:
+        log.warning("%s: interrupted; %s", out, note)
+    return e
+
+
+def _versions() -> dict:
+    return {"stepq": stepq.__version__, "torch": torch.__version__,
+            "transformers": importlib.metadata.version("transformers")}
+
+
+def _run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: torch.dtype, spill_bytes: int,
+            micro_batch_tokens: int) -> str:
+    """sha256 of everything the statistics file depends on (but where the model lives and the run's timings): a
+    run continues an interrupted one only under the same key."""
+    inputs = {
+        "source": {k: source[k] for k in ("config_sha256", "shards")}, "dataset": data.dataset,
+        "token_ids_sha256": hashlib.sha256(data.ids.numpy().tobytes()).hexdigest(),
+        "tokens_drawn_from": data.tokens_drawn_from, "n": data.n, "seq_len": data.seq_len, "seed": data.seed,
+        "all_experts": all_experts, "compute_dtype": str(compute_dtype), "format_version": FORMAT_VERSION,
+        # micro-batches set how squares are summed; the spill size shows in the metadata
+        "micro_batch_tokens": micro_batch_tokens, "spill_bytes": spill_bytes, "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, dataset, n, seq_len, seed, all_experts,
+               force, dtype, spill_bytes, micro_batch_tokens, progress) -> Path:
+    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, stream_forward  # see calibrate()
 
     t0 = time.time()
-    if out.is_file() and not force:
-        try:
-            if CalibStats.load(out).matches(model_dir, dataset, n, seq_len, seed, all_experts):
-                log.info("reusing %s (same source, dataset and settings)", out)
-                return out
-        except BadInput:
-            pass  # unreadable or older format: recompute
     dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
+    spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
+    micro_batch_tokens = micro_batch_tokens or MICRO_BATCH_TOKENS
     ckpt = open_checkpoint(model_dir)
     try:
+        source = model_fingerprint(model_dir)
         compute_dtype = _dtype(ckpt, dtype)
         data = load_calibration(model_dir, dataset, n, seq_len, seed)
         t_data = time.time()
         collector = StatsCollector(ckpt.config, all_experts=all_experts)
-        # Spilled activations go beside the output, not to /tmp (often RAM-backed tmpfs).
-        out.parent.mkdir(parents=True, exist_ok=True)
-        res = stream_forward(ckpt, data.ids, collector, dtype=compute_dtype,
-                             spill_bytes=SPILL_BYTES if spill_bytes is None else spill_bytes,
-                             micro_batch_tokens=micro_batch_tokens or MICRO_BATCH_TOKENS, tmp_dir=str(out.parent),
-                             progress=progress and sys.stderr.isatty())  # bars on terminals, not in logs
+        checkpoints.open(_run_key(source, data, all_experts, compute_dtype, spill_bytes, micro_batch_tokens),
+                         collector, force)
+        # Spilled activations go to the checkpoint folder beside the output, not to /tmp (often RAM-backed tmpfs).
+        res = stream_forward(ckpt, data.ids, collector, dtype=compute_dtype, spill_bytes=spill_bytes,
+                             micro_batch_tokens=micro_batch_tokens, tmp_dir=str(checkpoints.dir),
+                             progress=progress and sys.stderr.isatty(),  # bars on terminals, not in logs
+                             checkpoints=checkpoints)
         tensors, summary = collector.result()
     finally:
         ckpt.close()
     meta = {
         "format_version": FORMAT_VERSION,
-        "source": model_fingerprint(model_dir),
+        "source": source,
         "dataset": data.dataset,
         "n": n, "seq_len": seq_len, "seed": seed, "all_experts": all_experts,
         "tokens": n * seq_len, "tokens_sampled_from": data.tokens_drawn_from,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         **summary,
         "stepq_version": stepq.__version__,
-        "versions": {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers")},
+        "versions": {k: v for k, v in _versions().items() if k != "stepq"},
         "activations_on_disk": res.spilled,
         "timings": {"data_s": round(t_data - t0, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                     "total_s": round(time.time() - t0, 3)},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    return save_stats(out, tensors, meta)
+    save_stats(out, tensors, meta)
+    checkpoints.remove()  # the statistics are in place
+    return out
