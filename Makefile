@@ -74,11 +74,14 @@ publish: $(STAMP)
 # speed vs disk and vs compressed-tensors on a real-shaped checkpoint -> bench/results/convert_real_$(BENCH).json.
 # BENCH=quick (default, minutes): 1 MoE layer of 32 experts (~3 GB); BENCH=full: 1 MoE layer of 288 experts
 # (~13 GB); BENCH_ARGS="--moe-layers 3" for a checkpoint larger than RAM. Generated once into ~/.cache/stepq/bench.
+# Then calibration speed and memory on the same checkpoint + the full model's extrapolated calibration time
+# -> bench/results/calib_real_$(BENCH).json.
 BENCH ?= quick
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/convert_fixture.py $(MODEL)
 	$(BIN)/python bench/convert_real.py --size $(BENCH) $(BENCH_ARGS)
+	$(BIN)/python bench/calib_real.py --size $(BENCH)
 
 # Re-train the bundled fixture (deterministic given its seed; the result is committed).
 fixture: $(STAMP)
