@@ -1,8 +1,16 @@
 """A loopback fake of the Hub endpoints huggingface_hub calls to create a repo, a branch and a commit, and to
-download a file: enough to publish for real against it and inspect what arrived.
+download a file or a whole snapshot: enough to publish and pull for real against it and inspect what arrived.
 
 Every file is declared "regular" at preupload, so the client inlines content (base64) in the commit instead of
 using LFS or Xet. Repos keep one file tree per branch; a commit to a missing branch is a 404, as on the Hub.
+
+Downloads follow huggingface_hub's protocol (file_download.py get_hf_file_metadata / http_get, hf_api.py
+model_info / list_repo_tree): a branch's commit id is a hash of the repo and branch names (commits do not move it);
+`*.safetensors` files are served as LFS files (tree entries with `lfs`, `X-Linked-Etag` = sha256, `X-Linked-Size`),
+other files as git blobs (ETag = git blob id); `resolve` answers Range requests with 206. No `X-Xet-*` header or
+`xetHash` is ever sent, so the client downloads over plain HTTP even with hf_xet installed. Knobs on the hub make a
+file body slow (`throttle`), cut short under a full Content-Length (`cut_body_at`) or wrong at one byte
+(`flip_byte_at`), as a bad upstream would.
 """
 
 from __future__ import annotations
@@ -12,19 +20,27 @@ import hashlib
 import json
 import re
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors",)  # stored with git-lfs, as the Hub's default .gitattributes does
+BODY_CHUNK = 64 * 1024  # file bodies are written (and throttled) in pieces of this size
 
 
 class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {name: {path: bytes}}}
-        self.requests: list[dict] = []  # {"method", "path", "authorization"} of every request
+        # {"method", "path", "authorization", "range"} of every request; file bodies add "sent" (bytes written)
+        self.requests: list[dict] = []
         self.bodies: list[bytes] = []  # every request body, as received
         self.commits: list[dict] = []  # {"repo", "revision", "create_pr", "summary", "description", "files"}
         self.validated: list[str] = []  # README contents sent to /api/validate-yaml
         self.reject_token = False  # answer every write with 401, as the Hub does for a bad token
+        self.throttle: float | None = None  # bytes/s per file body, so a download takes long enough to interrupt
+        self.cut_body_at: int | None = None  # file offset where a body stops and the connection closes
+        self.flip_byte_at: int | None = None  # file offset of a byte served inverted (length and headers right)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         # a short poll interval: shutdown() waits for it, once per test
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -43,6 +59,53 @@ class FakeHub:
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id]["branches"][branch]
+
+
+def commit_id(repo_id: str, branch: str) -> str:
+    return hashlib.sha1(repo_id.encode() + branch.encode()).hexdigest()
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """What git stores in place of an LFS file."""
+    sha = hashlib.sha256(data).hexdigest()
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+
+
+def is_lfs(path: str) -> bool:
+    return path.endswith(LFS_SUFFIXES)
+
+
+def tree_entry(path: str, data: bytes) -> dict:
+    """One file of GET /api/models/{repo}/tree/{rev}, as hf_api.RepoFile reads it."""
+    if not is_lfs(path):
+        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(data)}
+    pointer = lfs_pointer(data)
+    return {"type": "file", "path": path, "size": len(data), "oid": git_blob_id(pointer),
+            "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}}
+
+
+def file_headers(repo_id: str, branch: str, path: str, data: bytes) -> dict:
+    """What get_hf_file_metadata reads from a resolve answer: the commit, the etag naming the cache blob, the size."""
+    headers = {"X-Repo-Commit": commit_id(repo_id, branch), "Accept-Ranges": "bytes"}
+    if not is_lfs(path):
+        return {**headers, "ETag": f'"{git_blob_id(data)}"'}
+    return {**headers, "ETag": f'"{git_blob_id(lfs_pointer(data))}"',
+            "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte a `Range: bytes=a-b` / `bytes=a-` header asks for (no header: the whole file); None when
+    it cannot be served."""
+    if header is None:
+        return 0, size - 1
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", header.strip())
+    if m is None or int(m[1]) >= size:
+        return None
+    return int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
 
 
 def _handler(hub: FakeHub):
@@ -74,8 +137,9 @@ def _handler(hub: FakeHub):
             self._send(code, json.dumps(obj).encode())
 
         def _record(self, body: bytes = b"") -> str:
-            hub.requests.append({"method": self.command, "path": self.path,
-                                 "authorization": self.headers.get("Authorization")})
+            self.record = {"method": self.command, "path": self.path,
+                           "authorization": self.headers.get("Authorization"), "range": self.headers.get("Range")}
+            hub.requests.append(self.record)
             hub.bodies.append(body)
             return f"http://{self.headers['Host']}"
 
@@ -137,18 +201,81 @@ def _handler(hub: FakeHub):
             oid = uuid.uuid4().hex + "0" * 8
             self._json({"commitUrl": f"{base}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url})
 
+        def _branch(self, repo_id: str, revision: str) -> str | None:
+            """The branch a revision (branch name or commit id) names, None when there is none."""
+            branches = hub.repos.get(repo_id, {}).get("branches", {})
+            return next((b for b in branches if revision in (b, commit_id(repo_id, b))), None)
+
+        def _no_revision(self, repo_id: str, revision: str):
+            if repo_id not in hub.repos:
+                return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+            self._send(404, f'{{"error": "Invalid rev id: {revision}"}}'.encode(), {"X-Error-Code": "RevisionNotFound"})
+
         def do_GET(self):
             self._record()
             path = unquote(urlsplit(self.path).path)
             if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-                branch = hub.repos.get(m[1], {}).get("branches", {}).get(m[2])
-                if branch is None or m[3] not in branch:
-                    return self._send(404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
-                data = branch[m[3]]
-                oid = hashlib.sha1(m[1].encode() + m[2].encode()).hexdigest()
-                return self._send(200, data, {"X-Repo-Commit": oid, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'},
-                                  ctype="application/octet-stream")
+                return self._resolve(m[1], m[2], m[3])
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path):
+                return self._model_info(m[1], m[2])
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):
+                return self._tree(m[1], m[2])
             self._json({"error": f"unhandled GET {path}"}, 404)
+
+        def _model_info(self, repo_id: str, revision: str):
+            branch = self._branch(repo_id, revision)
+            if branch is None:
+                return self._no_revision(repo_id, revision)
+            files = hub.repos[repo_id]["branches"][branch]
+            self._json({"id": repo_id, "sha": commit_id(repo_id, branch), "private": hub.repos[repo_id]["private"],
+                        "siblings": [{"rfilename": f} for f in sorted(files)]})
+
+        def _tree(self, repo_id: str, revision: str):
+            """The whole tree in one page (no Link header): repos here are flat and small."""
+            branch = self._branch(repo_id, revision)
+            if branch is None:
+                return self._no_revision(repo_id, revision)
+            files = hub.repos[repo_id]["branches"][branch]
+            self._json([tree_entry(f, files[f]) for f in sorted(files)])
+
+        def _resolve(self, repo_id: str, revision: str, path: str):
+            branch = self._branch(repo_id, revision)
+            files = hub.repos[repo_id]["branches"][branch] if branch is not None else {}
+            if path not in files:
+                return self._send(404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
+            data = files[path]
+            headers = file_headers(repo_id, branch, path, data)
+            span = byte_range(self.headers.get("Range"), len(data))
+            if span is None:
+                return self._send(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
+            (first, last), ranged = span, self.headers.get("Range") is not None
+            if ranged:
+                headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+            self.send_response(206 if ranged else 200)
+            for k, v in {"Content-Type": "application/octet-stream", "Content-Length": str(last - first + 1),
+                         **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self._send_body(data, first, last)
+
+        def _send_body(self, data: bytes, first: int, last: int):
+            """Bytes first..last of a file, with the hub's faults applied; stops quietly when the client is gone."""
+            body = bytearray(data[first:last + 1])
+            if hub.flip_byte_at is not None and first <= hub.flip_byte_at <= last:
+                body[hub.flip_byte_at - first] ^= 0xFF
+            if hub.cut_body_at is not None:
+                del body[max(hub.cut_body_at - first, 0):]  # the connection closes short of Content-Length
+            self.record["sent"] = 0
+            try:
+                for at in range(0, len(body), BODY_CHUNK):
+                    piece = body[at:at + BODY_CHUNK]
+                    self.wfile.write(piece)
+                    self.record["sent"] += len(piece)
+                    if hub.throttle:
+                        time.sleep(len(piece) / hub.throttle)
+            except (BrokenPipeError, ConnectionResetError):  # a killed client: nothing to answer
+                pass
 
         do_HEAD = do_GET
 
