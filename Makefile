@@ -59,7 +59,7 @@ quant-gguf: $(STAMP) llama-cpp
 
 # ARTIFACT defaults to the variant the last `make quant-*` wrote (OUT/.last-artifact).
 eval: $(STAMP)
-	$(STEPQ) eval $(or $(ARTIFACT),$(LAST_ARTIFACT)) --model $(MODEL) --out $(OUT) $(if $(DATASET),--dataset $(DATASET)) $(if $(TASKS),--tasks $(TASKS))
+	$(STEPQ) eval $(or $(ARTIFACT),$(LAST_ARTIFACT)) --model $(MODEL) --out $(OUT) $(if $(DATASET),--dataset $(DATASET)) $(if $(TASKS),--tasks $(TASKS)) $(if $(FORCE),--force)
 
 # gate: POLICY= a policy YAML (default: eval/policies/, by source model); BASELINE= the last release's report
 # (report.json, artifact folder or Hub repo id) for the regression rules. Exit 1 when the gate fails.
@@ -106,6 +106,11 @@ LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench lla
 LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.stepq-built
 LLAMA_CPP_PY_STAMP := $(LLAMA_CPP_DIR)/python/.stepq-extracted
 LLAMA_CPP_PY_DEPS := diskcache==5.6.3
+# Native build without AMX: ggml's AMX matmul (picked for quantized types on CPUs that report AMX) dies with
+# SIGILL/SIGSEGV in this machine's VM, which reports AMX without giving tile state. Explicit -mno-* flags win over
+# -march=native in GCC. The build id is in the stamp: a cache built with other flags is rebuilt.
+LLAMA_CPP_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_BUILD_ID := llama-cpp-python==$(LLAMA_CPP_VERSION) native $(LLAMA_CPP_NO_AMX)
 LLAMA_CPP_PIP = $(if $(wildcard $(BIN)/pip),$(BIN)/pip,$(PYTHON) -m pip)
 
 .PHONY: llama-cpp
@@ -119,7 +124,7 @@ llama-cpp:
 .PHONY: llama-cpp-build
 llama-cpp-build:
 	@set -euo pipefail; \
-	built() { [ -f $(LLAMA_CPP_STAMP) ] || return 1; \
+	built() { grep -qxF "$(LLAMA_CPP_BUILD_ID)" $(LLAMA_CPP_STAMP) 2>/dev/null || return 1; \
 	  for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t || return 1; done; }; \
 	if built && [ -f $(LLAMA_CPP_PY_STAMP) ]; then \
 	  echo "llama.cpp $(LLAMA_CPP_VERSION): tools in $(LLAMA_CPP_DIR)/src/build/bin (cached)"; exit 0; fi; \
@@ -143,12 +148,14 @@ llama-cpp-build:
 	fi; \
 	rm -rf $(LLAMA_CPP_DIR)/sdist; \
 	if ! built; then \
+	  if [ -f $(LLAMA_CPP_STAMP) ]; then rm -rf $(LLAMA_CPP_DIR)/src/build $(LLAMA_CPP_STAMP); fi; \
 	  cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	    -DCMAKE_C_FLAGS="$(LLAMA_CPP_NO_AMX)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_NO_AMX)" \
 	    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
 	    -DLLAMA_BUILD_UI=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF > $(LLAMA_CPP_DIR)/configure.log; \
 	  cmake --build $(LLAMA_CPP_DIR)/src/build -j2 --target $(LLAMA_CPP_TOOLS); \
 	  for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t; done; \
-	  echo "llama-cpp-python==$(LLAMA_CPP_VERSION) built $$(date -u +%FT%TZ)" > $(LLAMA_CPP_STAMP); \
+	  { echo "$(LLAMA_CPP_BUILD_ID)"; echo "built $$(date -u +%FT%TZ)"; } > $(LLAMA_CPP_STAMP); \
 	fi; \
 	echo "llama.cpp tools in $(LLAMA_CPP_DIR)/src/build/bin, Python binding in $(LLAMA_CPP_DIR)/python"
 

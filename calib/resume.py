@@ -28,25 +28,11 @@ from safetensors.torch import load_file, save
 from calib.stats import StatsCollector
 from calib.stream import Activations, write_durably
 from convert.hashing import file_sha256
+from convert.writer import read_progress
 
 log = logging.getLogger("stepq.calibrate")
 PROGRESS_NAME = "progress.jsonl"
 PROGRESS_VERSION = 1
-
-
-def _records(path: Path) -> list[dict]:
-    """The progress file's records, up to the first line that does not parse (a crash can only cut the last one)."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
 
 
 class LayerCheckpoints:
@@ -62,7 +48,7 @@ class LayerCheckpoints:
     def open(self, key: str, collector: StatsCollector, force: bool) -> None:
         """Take up an earlier run's folder if it has the same key (never with `force`), else start an empty one."""
         self._collector = collector
-        records = _records(self.dir / PROGRESS_NAME)
+        records = read_progress(self.dir / PROGRESS_NAME)
         header = {"stepq_calibration_progress": PROGRESS_VERSION, "key": key}
         if force and records:
             log.info("%s: starting over (--force)", self.dir)

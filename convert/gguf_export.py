@@ -348,6 +348,14 @@ def shard_paths(out_file: Path, count: int) -> list[Path]:
     return [out_file.with_name(f"{out_file.stem}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(count)]
 
 
+def describe_gguf(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp_only: bool = False) -> GGUFExport:
+    """What `write_gguf` writes (tensor plan, tokenizer summary), without writing: the provenance of a file that an
+    interrupted run already finished."""
+    plan = plan_tensors(ckpt, outtype, mtp, mtp_only)
+    tok = add_tokenizer(gguf.GGUFWriter(None, ARCH), ckpt.dir, ckpt.config.vocab_size)  # a writer never written
+    return GGUFExport([], plan, tok, _outtype(outtype).name, mtp, mtp_only)
+
+
 def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: str = "BF16", mtp: bool = True,
                split_max_bytes: int = 0, model_name: str | None = None, mtp_only: bool = False) -> GGUFExport:
     """Write `out_file` (or its `-0000i-of-0000N` shards when the data exceeds `split_max_bytes` > 0).
@@ -381,3 +389,35 @@ def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: st
     finally:
         if own:
             ckpt.close()
+
+
+# -- reading back -----------------------------------------------------------------------------------------------
+
+class _CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader, naming the first tensor whose data lies past the end of the file (it would fail on a
+    reshape, naming nothing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(path)
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+            end = start_offs + int(offset[0]) + math.prod(int(d) for d in dims) * type_size // block
+            if end > len(self.data):
+                raise BadInput(f"{self.path}: tensor {bytes(name).decode(errors='replace')}: data ends at byte {end}, "
+                               f"past the end of the {len(self.data)}-byte file (truncated?)")
+        super()._build_tensors(start_offs, fields)
+
+
+def read_gguf(path: str | Path) -> gguf.GGUFReader:
+    """The GGUF's headers and tensor table, or BadInput naming the file (and the tensor) when it is not a whole GGUF."""
+    path = Path(path)
+    try:
+        return _CheckedReader(path)
+    except BadInput:
+        raise
+    except (ValueError, KeyError, IndexError, OverflowError, OSError) as e:  # what gguf-py raises on bad bytes
+        raise BadInput(f"{path}: not a readable GGUF file ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e

@@ -7,7 +7,9 @@ tree is `<dir>/src` (with its `gguf-py` and converter), binaries in `<dir>/src/b
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,30 +40,43 @@ def tool(name: str) -> Path:
     return path
 
 
-def run(name: str, args: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run a llama.cpp tool; a non-zero exit raises with the tail of its output."""
+_PRCTL = getattr(ctypes.CDLL(None), "prctl", None)  # resolved here: the child only calls it (no dlopen after fork)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: SIGKILL when stepq dies, so a killed run leaves no tool writing into the folder
+    the next run resumes in."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # stepq died before the prctl took effect
+        os._exit(1)
+
+
+def run(name: str, args: list[str], timeout: float | None = None, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool (killed with this process); a non-zero exit raises with the tail of its output."""
     cmd = [str(tool(name)), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+    parent = os.getpid()
+    die_with_parent = (lambda: _die_with_parent(parent)) if _PRCTL is not None else None  # Linux only
+    p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=cwd,
+                       preexec_fn=die_with_parent)
     if p.returncode != 0:
         tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"{name} failed (exit {p.returncode}): {' '.join(cmd)}\n{tail}")
     return p
 
 
-def llama_quantize(src: Path, dst: Path, qtype: str, extra_args: list[str], threads: int | None = None):
-    return run("llama-quantize", [*extra_args, src, dst, qtype, threads or os.cpu_count() or 1])
+def llama_quantize(src: Path, dst: Path, qtype: str, extra_args: list[str], threads: int | None = None,
+                   cwd: Path | None = None):
+    """`cwd`: where relative paths in `extra_args` start (llama-quantize records the `--imatrix` path as given)."""
+    return run("llama-quantize", [*extra_args, src, dst, qtype, threads or os.cpu_count() or 1], cwd=cwd)
 
 
 def gguf_split(src: Path, out_prefix: Path, max_bytes: int) -> list[Path]:
     """Split `src` into `<out_prefix>-0000i-of-0000N.gguf` of at most `max_bytes` (whole MB, llama.cpp's unit);
-    returns the shards (just `src` renamed to `<out_prefix>.gguf` when it already fits)."""
-    if src.stat().st_size <= max_bytes:
-        dst = out_prefix.with_name(out_prefix.name + ".gguf")
-        src.rename(dst)
-        return [dst]
+    returns the shards. `src` stays: the caller removes it once the shards are safely recorded."""
     mb = max(1, max_bytes // 1000**2)
     run("llama-gguf-split", ["--split", "--split-max-size", f"{mb}M", src, out_prefix])
-    src.unlink()
     return sorted(out_prefix.parent.glob(f"{out_prefix.name}-*-of-*.gguf"))
 
 

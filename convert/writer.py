@@ -268,7 +268,7 @@ class ArtifactWriter:
             self._append({"stepq_progress": PROGRESS_VERSION, "plan": plan_id, "shards": self._shard_names})
 
     def _reopen(self, shards, plan_id: str) -> bool:
-        records = _read_progress(self.tmp / PROGRESS_NAME)
+        records = read_progress(self.tmp / PROGRESS_NAME)
         if not records or records[0].get("plan") != plan_id or records[0].get("stepq_progress") != PROGRESS_VERSION:
             return False
         fds, intact = [], False
@@ -441,8 +441,9 @@ def _region_hash():
     return xxhash.xxh3_128()
 
 
-def _read_progress(path: Path) -> list[dict]:
-    """Records of a progress file; a line cut short by a crash (only the last can be) is dropped."""
+def read_progress(path: Path) -> list[dict]:
+    """The JSON-object lines of a progress file (missing or unreadable: none); a line cut short by a crash (only the
+    last can be) is dropped."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):

@@ -148,7 +148,7 @@ def _cmd_eval(args) -> int:
     tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
     print(evaluate(args.artifact, folder, args.out, dataset=args.dataset, n=args.num_samples, seq_len=args.seq_len,
                    seed=args.seed, tasks=tasks, task_limit=args.task_limit, speed=not args.no_speed,
-                   engine_check=not args.no_engine_check))
+                   engine_check=not args.no_engine_check, force=args.force))
     return 0
 
 
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task-limit", type=int, help="items per task (lm-eval --limit)")
     s.add_argument("--no-speed", action="store_true", help="skip llama-bench")
     s.add_argument("--no-engine-check", action="store_true", help="skip the vLLM load check")
+    s.add_argument("--force", action="store_true", help="start over instead of resuming an interrupted eval")
     s.set_defaults(run=_cmd_eval)
     return p
 

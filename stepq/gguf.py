@@ -1,9 +1,10 @@
 """GGUF variants for llama.cpp: `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
 
-Top to bottom: open + validate the checkpoint -> pick the recipe -> BF16/F16/Q8_0: stream the checkpoint into the
-GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF, run `llama-quantize`
-with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's type as read back
-from the written files) -> atomic rename of the folder.
+Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the output -> BF16/F16/Q8_0: stream the
+checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF,
+run `llama-quantize` with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's
+type as read back from the written files) -> atomic rename of the folder. Each of those stages is recorded in the
+temporary folder `.<name>.partial` when finished (`convert.stages`), so the same command resumes after a kill.
 
 Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
 holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
@@ -16,27 +17,36 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
 from calib.stats import CalibStats
-from convert.checkpoint import Checkpoint, open_checkpoint
-from convert.config import model_name
+from convert.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from convert.config import SIDE_FILES, model_name
 from convert.errors import BadInput
-from convert.gguf_export import GGUFExport, write_gguf
+from convert.gguf_export import GGUFExport, describe_gguf, write_gguf
 from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import file_sha256
 from convert.lock import OutputLock
+from convert.stages import StageProgress, digest
 from convert.writer import AtomicDir
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
+INTERMEDIATE = ".intermediate-BF16.gguf"
+# llama-quantize records the --imatrix path in the GGUF (quantize.imatrix.file): given relative to the temporary
+# folder, it is llama-imatrix's default name rather than a temporary path, the same in every run
+IMATRIX = "imatrix.gguf"
+READ_FILES = ("config.json", INDEX_NAME, "README.md", *SIDE_FILES)  # what the GGUF writer reads besides weights
+log = logging.getLogger("stepq.gguf")
 
 
 def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str, mtp_only: bool = False) -> Path:
@@ -54,6 +64,11 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
     (`make llama-cpp`). `imatrix`: calibration statistics (`CalibStats` or its file); K/IQ types are then
     quantized with the llama.cpp importance matrix written from them (`convert.gguf_imatrix`), the same
     calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS, ...) require it.
+
+    Re-running after an interruption resumes: each finished stage (the GGUF written by gguf-py -- the whole
+    variant, or the BF16 intermediate of a K/IQ type --, the imatrix, llama-quantize's output, the split) is kept
+    in the temporary folder with a key of its inputs and the hash of its files, and reused when both still match;
+    `force` starts over. One run per output folder (`convert.lock`).
     """
     t0 = time.time()
     qtype = qtype.upper()
@@ -68,40 +83,104 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
             recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else (), imatrix=imatrix is not None,
                                 n_embd=ckpt.config.hidden_size, mtp_only=mtp_only)
             tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
+        if recipe is not None and imatrix is not None and not isinstance(imatrix, CalibStats):
+            imatrix = CalibStats.load(imatrix)
         out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
-        stem = f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}"
-        split = max_shard_bytes or DEFAULT_SPLIT_BYTES
+        job = _Job(ckpt, qtype, recipe, imatrix if recipe is not None else None, mtp, mtp_only,
+                   f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}",
+                   max_shard_bytes or DEFAULT_SPLIT_BYTES)
         timings = {}
-        with OutputLock(out_dir), AtomicDir(out_dir, force) as tmp:
-            if recipe is None:
-                exp = write_gguf(ckpt, tmp / f"{stem}.gguf", qtype, mtp, split_max_bytes=split, mtp_only=mtp_only)
-                files = exp.files
-                timings["convert_s"] = time.time() - t0
-            else:
-                inter = tmp / ".intermediate-BF16.gguf"
-                exp = write_gguf(ckpt, inter, "BF16", mtp, mtp_only=mtp_only)
-                timings["convert_s"] = time.time() - t0
-                quantized = tmp / ".quantized.gguf"
-                args = recipe.llama_quantize_args()
-                if imatrix is not None and not isinstance(imatrix, CalibStats):
-                    imatrix = CalibStats.load(imatrix)
-                imx = write_imatrix(imatrix, ckpt, tmp / ".imatrix.gguf", mtp=mtp) if imatrix is not None else None
-                if imx is not None:
-                    args = ["--imatrix", str(imx), *args]
-                t1 = time.time()
-                llama_quantize(inter, quantized, qtype, args)
-                inter.unlink()
-                if imx is not None:
-                    imx.unlink()
-                files = gguf_split(quantized, tmp / stem, split)
-                timings["llama_quantize_s"] = time.time() - t1
-            prov = _provenance(ckpt, exp, recipe, qtype, files, source_id or str(model_dir), revision, timings)
-            if imatrix is not None and recipe is not None:
-                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": imatrix.sha256}
+        atomic = AtomicDir(out_dir, force, resumable=True)
+        with OutputLock(out_dir), atomic as tmp:
+            progress = StageProgress(tmp)
+            if progress.has_work:
+                log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
+            try:
+                files = _direct_stages(job, progress) if recipe is None else _quantize_stages(job, progress, timings)
+            finally:
+                atomic.keep_on_error = progress.has_work  # finished stages survive a failure, for the resume
+            if progress.reused:
+                log.info("resumed: %d of %d units reused from the interrupted run (%s)", len(progress.reused),
+                         len(progress.reused) + len(progress.made), ", ".join(progress.reused))
+            timings.setdefault("convert_s", time.time() - t0)
+            exp = describe_gguf(ckpt, qtype if recipe is None else "BF16", mtp, mtp_only)
+            prov = _provenance(ckpt, exp, recipe, qtype, files, progress.recorded(files), source_id or str(model_dir),
+                               revision, timings)
+            if job.imatrix is not None:
+                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
             (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
+            published = {f.name for f in files} | {"stepq.json"}
+            atomic.scratch += [p.name for p in tmp.iterdir() if p.name not in published]  # progress, stale files
     finally:
         ckpt.close()
     return out_dir
+
+
+@dataclass
+class _Job:
+    """One export: the source and every setting that decides the bytes written."""
+
+    ckpt: Checkpoint
+    qtype: str
+    recipe: GGUFRecipe | None
+    imatrix: CalibStats | None
+    mtp: bool
+    mtp_only: bool
+    stem: str  # output file name without .gguf
+    split: int  # max bytes per file
+
+    def source_key(self) -> dict:
+        """The source without reading its weights -- each shard's identity (size, mtime, header hash; or its Hub
+        blob hash), the small files the writer reads, the folder name (general.name) -- the writing code's versions
+        and the MTP settings: what every stage depends on."""
+        files = {n: file_sha256(self.ckpt.dir / n) for n in READ_FILES if (self.ckpt.dir / n).is_file()}
+        return {"shards": {s: self.ckpt.shard_identity(s) for s in sorted(self.ckpt.shards)}, "files": files,
+                "name": self.ckpt.dir.name, "stepq": _version("stepq"), "gguf": _version("gguf"),
+                "mtp": self.mtp, "mtp_only": self.mtp_only}
+
+
+def _direct_stages(job: _Job, progress: StageProgress) -> list[Path]:
+    """gguf-py writes the variant itself (BF16, F16, Q8_0, ...): one stage."""
+    key = digest({"stage": "gguf", "source": job.source_key(), "qtype": job.qtype, "stem": job.stem,
+                  "split": job.split})
+    return progress.obtain("gguf", key, lambda d: write_gguf(job.ckpt, d / f"{job.stem}.gguf", job.qtype, job.mtp,
+                                                             split_max_bytes=job.split, mtp_only=job.mtp_only))
+
+
+def _quantize_stages(job: _Job, progress: StageProgress, timings: dict) -> list[Path]:
+    """K/IQ types: BF16 intermediate (+ imatrix) -> llama-quantize -> split when too large. Each stage's key holds
+    its upstream stages' keys, so a change anywhere redoes exactly what depends on it; the files a later stage
+    consumed are removed once it is recorded (disk: the intermediate is as large as the source)."""
+    source = job.source_key()
+    k_inter = digest({"stage": "intermediate", "source": source})
+    k_imatrix = None if job.imatrix is None else digest({"stage": "imatrix", "source": source,
+                                                          "statistics": job.imatrix.sha256})
+    args = job.recipe.llama_quantize_args()
+    k_quant = digest({"stage": "quantized", "intermediate": k_inter, "imatrix": k_imatrix, "qtype": job.qtype,
+                      "args": args, "llama_cpp": LLAMA_CPP_COMMIT, "stem": job.stem})
+    k_split = digest({"stage": "split", "quantized": k_quant, "split": job.split})
+    if (shards := progress.reuse("split", k_split)) is not None:
+        return shards
+    quantized = progress.reuse("quantized", k_quant)
+    if quantized is None:
+        t = time.time()
+        (inter,) = progress.obtain("intermediate", k_inter, lambda d: write_gguf(
+            job.ckpt, d / INTERMEDIATE, "BF16", job.mtp, mtp_only=job.mtp_only))
+        if job.imatrix is not None:
+            (imx,) = progress.obtain("imatrix", k_imatrix, lambda d: write_imatrix(
+                job.imatrix, job.ckpt, d / IMATRIX, mtp=job.mtp))
+            args = ["--imatrix", imx.name, *args]
+        timings["convert_s"] = time.time() - t
+        t = time.time()
+        quantized = progress.make("quantized", k_quant, lambda d: llama_quantize(
+            inter, d / f"{job.stem}.gguf", job.qtype, args, cwd=progress.folder))
+        timings["llama_quantize_s"] = time.time() - t
+        progress.forget("intermediate", "imatrix")
+    if quantized[0].stat().st_size <= job.split:
+        return quantized
+    shards = progress.make("split", k_split, lambda d: gguf_split(quantized[0], d / job.stem, job.split))
+    progress.forget("quantized")
+    return shards
 
 
 def read_tensor_types(files: list[Path]) -> dict[str, str]:
@@ -153,7 +232,7 @@ def _tensor_decision(p: PlannedTensor, actual: str, recipe: GGUFRecipe | None, q
 
 
 def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
-                source: str, revision: str | None, timings: dict) -> dict:
+                file_records: dict[str, dict], source: str, revision: str | None, timings: dict) -> dict:
     src_files = {}
     for name in [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"]:
         p = ckpt.dir / name
@@ -170,7 +249,7 @@ def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qt
         "recipe": recipe.to_dict() if recipe else {"qtype": qtype, "tool": "gguf-py (identical to llama.cpp's "
                                                                           "convert_hf_to_gguf.py)"},
         "supported_qtypes": supported_qtypes(),
-        "files": {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files},
+        "files": file_records,
         "tokenizer": exp.tokenizer,
         "tensors": tensors,
         "versions": {"stepq": _version("stepq"), "gguf": _version("gguf"), "torch": _version("torch"),

@@ -384,6 +384,39 @@ CORPUS = [
 ]
 
 
+# -- GGUF files a command reads: a GGUF artifact whose file was damaged after its export ---------------------------
+
+def _gguf_artifact(tmp: Path) -> tuple[Path, Path]:
+    """A Q8_0 GGUF artifact of the trained fixture (the random checkpoint has no tokenizer), written by gguf-py
+    alone (no llama.cpp tools) -> (artifact folder, its .gguf file)."""
+    from stepq.gguf import export_gguf
+
+    art = export_gguf(BUNDLED_FIXTURE, tmp / "artifacts", "Q8_0")
+    return art, next(art.glob("*.gguf"))
+
+
+def gguf_artifact_truncated(m, tmp):
+    import gguf
+
+    art, f = _gguf_artifact(tmp)
+    last = max(gguf.GGUFReader(f).tensors, key=lambda t: t.data_offset).name
+    f.write_bytes(f.read_bytes()[:-100])
+    return Bad(f.name, last, r"data ends at byte \d+, past the end of the \d+-byte file \(truncated\?\)",
+               argv=("eval", "--model", str(BUNDLED_FIXTURE)), model=art)
+
+
+def gguf_artifact_bytes_flipped(m, tmp):
+    art, f = _gguf_artifact(tmp)
+    data = bytearray(f.read_bytes())
+    data[-5000:-4990] = bytes(b ^ 0xFF for b in data[-5000:-4990])  # tensor data: still a readable GGUF
+    f.write_bytes(bytes(data))
+    return Bad(f.name, None, r"sha256 differs from stepq.json \(damaged or changed after the export\)",
+               argv=("eval", "--model", str(BUNDLED_FIXTURE)), model=art)
+
+
+CORPUS += [gguf_artifact_truncated, gguf_artifact_bytes_flipped]
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tpl") / "rand-step35", fixture_config(), seed=1)
@@ -485,3 +518,47 @@ def test_nonfinite_check_float32_edges():
     assert not has_nonfinite(edges)
     for bad in (float("nan"), float("inf"), float("-inf")):
         assert has_nonfinite(torch.cat([edges, torch.tensor([bad])]))
+
+
+# -- a damaged GGUF intermediate in the resumable temporary folder: detected and made again, not a crash ----------
+
+@pytest.fixture(scope="module")
+def llama_cpp_tools() -> None:
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=root, capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(f: Path) -> None:
+    with open(f, "r+b") as fh:
+        fh.seek(f.stat().st_size - 1000)
+        fh.write(b"\x55\x66\x77")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped"])
+def test_a_damaged_gguf_intermediate_is_made_again(llama_cpp_tools, tmp_path, monkeypatch, caplog, damage):
+    """A kill after the BF16 intermediate was recorded, then its bytes damaged (disk error, a stray writer): the
+    re-run notices it by its recorded sha256, writes it again, and gives the uninterrupted run's file."""
+    import stepq.gguf
+
+    argv = ["quantize", str(BUNDLED_FIXTURE), "--scheme", "gguf", "--qtype", "Q4_K_M", "--out"]
+    assert main([*argv, str(tmp_path / "ref")]) == 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill: not bad input, so the partial folder is kept
+    monkeypatch.setattr(stepq.gguf, "llama_quantize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, str(tmp_path / "out")])
+    monkeypatch.undo()
+    intermediate = tmp_path / "out" / ".tiny-step35-GGUF-Q4_K_M.partial" / ".intermediate-BF16.gguf"
+    damage(intermediate)
+    caplog.set_level("INFO")
+    assert main([*argv, str(tmp_path / "out")]) == 0
+    assert f"intermediate: {intermediate} differs from what the earlier run recorded" in caplog.text
+    name = "tiny-step35-GGUF-Q4_K_M/tiny-step35-Q4_K_M.gguf"
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
