@@ -278,7 +278,7 @@ def unit_key(unit: Unit, ckpt: Checkpoint, settings: str, stats_sha256: str | No
 def unit_tasks(unit: Unit, layout, src: _Reader) -> list[Task]:
     """A unit's pieces as executor tasks; the key (unit, last piece?) tells the writer when to commit the unit."""
     ps = parts(unit)
-    piece_bytes = sum(t.entry.nbytes for t in unit.members) // len(ps)
+    piece_bytes = sum(t.entry.nbytes for t in unit.members) // max(len(ps), 1)
     return [Task((unit, i == len(ps) - 1), partial(read_part, src, unit, e),
                  partial(compute_part, layout, src, unit, e), piece_bytes) for i, e in enumerate(ps)]
 

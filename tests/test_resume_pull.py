@@ -1,17 +1,17 @@
 """`stepq pull ORG/NAME` against the loopback fake Hub (tests/eval/fake_hub.py), as real subprocesses: SIGKILLed
-while the weights download and run again, left a corrupted partial, served a corrupt body and a truncated one.
+while the weights download and run again, left a corrupted partial, served a corrupt body, a truncated one, and a
+whole file for a Range request; orphaned partials in the cache. Every run has a token, which must reach the Hub and
+nothing else.
 
-What the installed huggingface_hub (1.33) does, from its source: each download goes to a temporary file with a
-name of its own, `blobs/<sha256>.<8 hex>.incomplete`, opened "wb", which becomes `blobs/<sha256>` by a rename once
-its length is right, and only then is the snapshot link made (file_download.py `_download_to_tmp_and_move`). So a
-killed pull keeps every file it finished, the next one restarts the file in flight from byte 0 without reading the
-old partial, which stays behind (only `hf cache prune` removes it); Range requests are sent only within one process,
-when a connection breaks, from the last 10 MiB piece written. Nothing checks a download's sha256: stepq does, once
-per blob (convert/hub.py `verify_lfs_blobs`).
+huggingface_hub (1.33) restarts a killed download from byte 0 under a new name and leaves the old partial behind
+(file_download.py `_download_to_tmp_and_move`). So stepq downloads each LFS file itself (convert/hub.py
+`fetch_lfs_blobs`) into `blobs/<sha256>.stepq-partial`, continues it with a Range request, hashes it, renames it to
+`blobs/<sha256>`, and then lets snapshot_download link it and fetch the small files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import random
@@ -20,9 +20,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from huggingface_hub import HfApi
 
 import convert.hub as hub_module
@@ -36,10 +38,12 @@ _spec.loader.exec_module(fake_hub)
 REPO = "org/tiny"
 WEIGHTS = "model.safetensors"
 FIXTURE_FILES = {p.name: p.read_bytes() for p in BUNDLED_FIXTURE.iterdir()}
-PIECE = 10 * 1024 * 1024  # huggingface_hub writes a download in pieces of this size (constants.DOWNLOAD_CHUNK_SIZE)
-RATE = 6_000_000  # bytes/s: the 24 MB weights take 4 s, the first piece lands after 1.7 s
+SIZE = len(FIXTURE_FILES[WEIGHTS])  # 24 MB
+SHA = hashlib.sha256(FIXTURE_FILES[WEIGHTS]).hexdigest()
+PIECE = 10 * 1024 * 1024  # http_get writes in pieces of this size (constants.DOWNLOAD_CHUNK_SIZE): a kill loses one
 KILLS = 3
-BEYOND_SMALL_FILES = 15_000_000  # a fault offset past every file but the weights, and past their first piece
+FAULT_AT = 15_000_000  # a fault offset inside the weights' second piece (the other files are smaller)
+TOKEN = f"hf_{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,8 @@ def hub():
 @pytest.fixture
 def fresh(hub):
     """The hub with no fault and no request recorded."""
-    hub.throttle = hub.cut_body_at = hub.flip_byte_at = None
+    hub.throttle = hub.cut_body_at = hub.flip_byte_at = hub.stall_at = None
+    hub.ignore_range = False
     hub.requests.clear()
     return hub
 
@@ -92,8 +97,8 @@ class SnapshotWatch:
 
 
 def start_pull(hub, tmp_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}  # no token, not offline
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}  # not offline
+    env.update(HF_TOKEN=TOKEN, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
     return subprocess.Popen([sys.executable, "-m", "stepq.cli", "pull", REPO, "--cache-dir", str(tmp_path / "cache")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -108,109 +113,156 @@ def blobs(tmp_path: Path) -> Path:
     return tmp_path / "cache" / "models--org--tiny" / "blobs"
 
 
-def partials(tmp_path: Path) -> set[Path]:
-    return set(blobs(tmp_path).glob("*.incomplete"))
+def weights_partial(tmp_path: Path) -> Path:
+    return blobs(tmp_path) / f"{SHA}.stepq-partial"
 
 
-def kill_while_downloading(hub, tmp_path: Path, rng: random.Random) -> Path:
-    """Starts a throttled pull, SIGKILLs it at a random moment after the weights' first piece is on disk and before
-    they are complete; -> the partial it left."""
-    hub.throttle, before = RATE, partials(tmp_path)
-    proc = start_pull(hub, tmp_path)
-    deadline = time.monotonic() + 60
-    while not any(p.stat().st_size >= PIECE for p in partials(tmp_path) - before):
-        assert proc.poll() is None and time.monotonic() < deadline, f"no partial grew ({proc.communicate()})"
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, 1.2))  # the rest of the weights takes 2.3 s at RATE
-    assert proc.poll() is None, "the pull finished before the kill"
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    hub.throttle = None
-    (partial,) = partials(tmp_path) - before
-    return partial
+def leftovers(tmp_path: Path) -> set[Path]:
+    """Partial downloads in the cache: huggingface_hub's and stepq's."""
+    return set(blobs(tmp_path).glob("*.incomplete")) | set(blobs(tmp_path).glob("*.stepq-partial"))
 
 
 def weights_gets(requests: list[dict]) -> list[dict]:
     return [r for r in requests if r["method"] == "GET" and r["path"].endswith(f"/{WEIGHTS}")]
 
 
+def range_start(request: dict) -> int:
+    return int(request["range"].removeprefix("bytes=").removesuffix("-")) if request["range"] else 0
+
+
+def kill_at(hub, tmp_path: Path, offset: int) -> int:
+    """Starts a pull whose weights body pauses at byte `offset`, SIGKILLs it once every whole piece before that
+    byte is on disk; -> the size of the partial it left."""
+    partial = weights_partial(tmp_path)
+    start = partial.stat().st_size if partial.exists() else 0
+    on_disk = start + (offset - start) // PIECE * PIECE
+    hub.stall_at = offset
+    proc = start_pull(hub, tmp_path)
+    deadline = time.monotonic() + 60
+    while not (any(r.get("sent") == offset - range_start(r) for r in weights_gets(hub.requests))
+               and partial.exists() and partial.stat().st_size == on_disk):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no stall at {offset} ({proc.communicate()})"
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    hub.stall_at = None
+    assert proc.returncode == -signal.SIGKILL
+    assert partial.stat().st_size == on_disk  # the kill lost only the piece in flight
+    return on_disk
+
+
 def assert_snapshot_is_the_fixture(snapshot: Path):
     assert {p.name: p.read_bytes() for p in snapshot.iterdir()} == FIXTURE_FILES
 
 
-def test_pull_survives_sigkills_mid_download(fresh, tmp_path):
+def mismatch_line(sha: str) -> str:
+    return (f"stepq: error: {REPO}: {WEIGHTS}: downloaded bytes do not match the sha256 the Hub names ({sha}); "
+            f"deleted, run the pull again\n")
+
+
+def test_pull_resumes_at_the_byte_a_sigkill_left(fresh, tmp_path):
     seed = random.randrange(2**32)
     print(f"seed {seed}")  # shown on failure, to replay the same kill points
-    rng, killed, requests_of_killed_runs, done_before_kill = random.Random(seed), [], [], set()
+    rng, left, served_to_killed = random.Random(seed), [0], 0
     with SnapshotWatch(tmp_path / "cache") as watch:
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             fresh.requests.clear()
-            killed.append(kill_while_downloading(fresh, tmp_path, rng))
-            requests_of_killed_runs += fresh.requests
-            done_before_kill |= {p.name for p in watch.root.glob("*/*")}
-            assert killed[-1].stat().st_size % PIECE == 0 and killed[-1].stat().st_size > 0
+            # the first kill keeps at least one piece, so the final run has something to resume
+            left.append(kill_at(fresh, tmp_path, rng.randrange(max(left[-1], PIECE if kill == 0 else 0), SIZE)))
+            (get,) = weights_gets(fresh.requests)
+            assert range_start(get) == left[-2]  # each run continued the partial the previous kill left
+            served_to_killed += get["sent"]
+            assert leftovers(tmp_path) == {weights_partial(tmp_path)}
         fresh.requests.clear()
         run = pull(fresh, tmp_path)
     assert run.returncode == 0, run.stderr
     assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
     assert set(watch.sizes) == set(FIXTURE_FILES)  # the watch saw every file appear...
     assert watch.partial_sightings() == {}  # ...and none before it was complete
-    # file-level resume: what a killed run finished is not fetched again
-    assert WEIGHTS not in done_before_kill and len(done_before_kill) == len(FIXTURE_FILES) - 1
-    assert not any(r["path"].endswith(tuple(f"/{n}" for n in done_before_kill)) for r in fresh.requests)
-    # the weights restart from byte 0: huggingface_hub never reopens a partial it did not write in this process
     (final,) = weights_gets(fresh.requests)
-    assert final["range"] is None and final["sent"] == len(FIXTURE_FILES[WEIGHTS])
-    assert partials(tmp_path) == set(killed)  # each kill left its partial behind, linked from nowhere
-    wasted = sum(r.get("sent", 0) for r in weights_gets(requests_of_killed_runs))
-    print(f"{KILLS} kills at {[p.stat().st_size for p in killed]} bytes on disk; {wasted} bytes served to killed "
-          f"runs, then {final['sent']} from byte 0")
+    assert final["range"] == f"bytes={left[-1]}-" and final["sent"] == SIZE - left[-1] < SIZE
+    assert leftovers(tmp_path) == set()
+    assert (tmp_path / "cache" / "models--org--tiny" / ".stepq-verified" / SHA).is_file()
+    # the token went with the weights, and nowhere else: not in the output, not in the cache
+    assert final["authorization"] == f"Bearer {TOKEN}" and TOKEN not in run.stdout + run.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    print(f"{KILLS} kills left partials of {left[1:]} bytes ({served_to_killed} bytes served to the killed runs); "
+          f"after the last kill {final['sent']} of {SIZE} bytes fetched, {left[-1]} saved")
 
 
-def test_a_corrupted_partial_is_never_read(fresh, tmp_path):
-    partial = kill_while_downloading(fresh, tmp_path, random.Random(0))
+def test_bad_bytes_in_a_partial_or_a_body_fail_on_one_line_and_are_fetched_again(fresh, tmp_path):
+    kept = kill_at(fresh, tmp_path, PIECE + 1000)
+    partial = weights_partial(tmp_path)
     spoiled = bytearray(partial.read_bytes())
-    spoiled[PIECE // 2: PIECE // 2 + 64] = bytes(b ^ 0xFF for b in spoiled[PIECE // 2: PIECE // 2 + 64])
+    spoiled[PIECE // 2] ^= 0xFF
     partial.write_bytes(spoiled)
     fresh.requests.clear()
     run = pull(fresh, tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
-    assert [r["range"] for r in weights_gets(fresh.requests)] == [None]  # fetched whole, the partial ignored
-    assert partial.read_bytes() == spoiled
-
-
-def test_a_corrupt_body_is_caught_deleted_and_fetched_again(fresh, tmp_path):
-    fresh.flip_byte_at = BEYOND_SMALL_FILES  # right length, right headers, one byte wrong: huggingface_hub keeps it
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", mismatch_line(SHA))
+    assert [r["range"] for r in weights_gets(fresh.requests)] == [f"bytes={kept}-"]  # resumed, then caught
+    assert leftovers(tmp_path) == set() and not (blobs(tmp_path) / SHA).exists()
+    fresh.flip_byte_at, fresh.requests = FAULT_AT, []  # right length and headers, one byte wrong on the wire
     run = pull(fresh, tmp_path)
-    sha = fake_hub.tree_entry(WEIGHTS, FIXTURE_FILES[WEIGHTS])["lfs"]["oid"]
-    assert run.returncode == 2 and run.stdout == ""
-    assert run.stderr == (f"stepq: error: {REPO}: {WEIGHTS}: downloaded bytes do not match the sha256 the Hub names "
-                          f"({sha}); deleted, run the pull again\n")
-    assert not (blobs(tmp_path) / sha).exists() and partials(tmp_path) == set()
-    snapshot = next((tmp_path / "cache" / "models--org--tiny" / "snapshots").iterdir())
-    assert not (snapshot / WEIGHTS).is_symlink()
-    fresh.flip_byte_at = None
-    fresh.requests.clear()
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", mismatch_line(SHA))
+    assert [r["range"] for r in weights_gets(fresh.requests)] == [None]  # from byte 0, then caught
+    assert leftovers(tmp_path) == set() and not (blobs(tmp_path) / SHA).exists()
+    assert not (tmp_path / "cache" / "models--org--tiny" / "snapshots").exists()  # nothing was ever linked
+    fresh.flip_byte_at, fresh.requests = None, []
     run = pull(fresh, tmp_path)
     assert run.returncode == 0, run.stderr
     assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
-    assert len(weights_gets(fresh.requests)) == 1
+    assert [r["range"] for r in weights_gets(fresh.requests)] == [None]
 
 
-def test_a_truncated_body_fails_on_one_line_and_leaves_nothing(fresh, tmp_path):
-    fresh.cut_body_at = BEYOND_SMALL_FILES  # Content-Length says 24 MB, the connection closes after 15 MB
+def test_a_truncated_body_fails_on_one_line_and_the_next_pull_resumes_it(fresh, tmp_path):
+    fresh.cut_body_at = FAULT_AT  # Content-Length says 24 MB, the connection closes after 15 MB
     run = pull(fresh, tmp_path)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith(f"stepq: error: {REPO}: cannot download from the Hub (RemoteProtocolError: ")
     assert run.stderr.count("\n") == 1
-    snapshot = next((tmp_path / "cache" / "models--org--tiny" / "snapshots").iterdir())
-    assert not (snapshot / WEIGHTS).exists() and not (snapshot / WEIGHTS).is_symlink()
-    assert sorted(p.name for p in blobs(tmp_path).iterdir()) == sorted(
-        fake_hub.git_blob_id(FIXTURE_FILES[n]) for n in FIXTURE_FILES if n != WEIGHTS)  # no weights, no partial
-    # within one process huggingface_hub does resume: its 5 retries ask for the bytes after the piece it wrote
+    # http_get's 5 in-process retries ask for the bytes after the piece written; the piece stays for the next run
     assert [r["range"] for r in weights_gets(fresh.requests)] == [None] + [f"bytes={PIECE}-"] * 5
+    assert leftovers(tmp_path) == {weights_partial(tmp_path)} and weights_partial(tmp_path).stat().st_size == PIECE
+    assert not (tmp_path / "cache" / "models--org--tiny" / "snapshots").exists()
+    fresh.cut_body_at = None
+    fresh.requests.clear()
+    run = pull(fresh, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
+    (get,) = weights_gets(fresh.requests)
+    assert get["range"] == f"bytes={PIECE}-" and get["sent"] == SIZE - PIECE
+    assert leftovers(tmp_path) == set()
+
+
+def test_a_server_that_ignores_range_restarts_the_partial(fresh, tmp_path):
+    kept = kill_at(fresh, tmp_path, PIECE + 1000)
+    fresh.ignore_range, fresh.requests = True, []
+    run = pull(fresh, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
+    (get,) = weights_gets(fresh.requests)
+    assert get["range"] == f"bytes={kept}-" and get["sent"] == SIZE  # asked to resume, served (and kept) all
+    assert leftovers(tmp_path) == set()
+
+
+def test_orphans_are_removed_and_a_complete_partial_is_not_fetched_again(fresh, tmp_path):
+    blobs(tmp_path).mkdir(parents=True)
+    locks = tmp_path / "cache" / ".locks" / "models--org--tiny"
+    locks.mkdir(parents=True)
+    weights_partial(tmp_path).write_bytes(FIXTURE_FILES[WEIGHTS])  # killed after the download, before the rename
+    config_etag = fake_hub.git_blob_id(FIXTURE_FILES["config.json"])
+    orphans = [blobs(tmp_path) / f"{SHA}.0a1b2c3d.incomplete",  # huggingface_hub's, left by kills
+               blobs(tmp_path) / f"{config_etag}.4e5f6a7b.incomplete",
+               blobs(tmp_path) / f"{'e' * 64}.stepq-partial"]  # stepq's, for a blob no longer in the revision
+    in_use = blobs(tmp_path) / f"{'f' * 64}.8c9d0e1f.incomplete"
+    for path in [*orphans, in_use]:
+        path.write_bytes(b"partial")
+    with FileLock(locks / f"{'f' * 64}.lock"):  # another process is writing it
+        run = pull(fresh, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert_snapshot_is_the_fixture(Path(run.stdout.strip()))
+    assert weights_gets(fresh.requests) == []  # only hashed and renamed
+    assert leftovers(tmp_path) == {in_use}
 
 
 def test_a_verified_blob_is_hashed_again_only_once_it_changed(fresh, tmp_path, monkeypatch):
@@ -219,7 +271,7 @@ def test_a_verified_blob_is_hashed_again_only_once_it_changed(fresh, tmp_path, m
     snapshot, hashed = Path(run.stdout.strip()), []
     monkeypatch.setattr(hub_module, "file_sha256", lambda p: hashed.append(p.name) or p.name)
     hub_module.verify_lfs_blobs(REPO, snapshot)
-    assert hashed == []
+    assert hashed == []  # stamped when downloaded
     blob = (snapshot / WEIGHTS).resolve()
     os.utime(blob, ns=(blob.stat().st_atime_ns, blob.stat().st_mtime_ns + 1))
     hub_module.verify_lfs_blobs(REPO, snapshot)

@@ -10,7 +10,9 @@ model_info / list_repo_tree): a branch's commit id is a hash of the repo and bra
 other files as git blobs (ETag = git blob id); `resolve` answers Range requests with 206. No `X-Xet-*` header or
 `xetHash` is ever sent, so the client downloads over plain HTTP even with hf_xet installed. Knobs on the hub make a
 file body slow (`throttle`), cut short under a full Content-Length (`cut_body_at`) or wrong at one byte
-(`flip_byte_at`), as a bad upstream would.
+(`flip_byte_at`), as a bad upstream would; pause it at a byte until the client hangs up (`stall_at`), so a test
+kills a client at a known offset; or answer a Range request with the whole file (`ignore_range`), as a server or
+proxy without range support does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import base64
 import hashlib
 import json
 import re
+import select
+import socket
 import threading
 import time
 import uuid
@@ -41,6 +45,8 @@ class FakeHub:
         self.throttle: float | None = None  # bytes/s per file body, so a download takes long enough to interrupt
         self.cut_body_at: int | None = None  # file offset where a body stops and the connection closes
         self.flip_byte_at: int | None = None  # file offset of a byte served inverted (length and headers right)
+        self.stall_at: int | None = None  # file offset where a body pauses until the client hangs up or this clears
+        self.ignore_range = False  # answer a Range request with 200 and the whole file
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         # a short poll interval: shutdown() waits for it, once per test
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -245,10 +251,11 @@ def _handler(hub: FakeHub):
                 return self._send(404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
             data = files[path]
             headers = file_headers(repo_id, branch, path, data)
-            span = byte_range(self.headers.get("Range"), len(data))
+            asked = None if hub.ignore_range else self.headers.get("Range")
+            span = byte_range(asked, len(data))
             if span is None:
                 return self._send(416, b"", {**headers, "Content-Range": f"bytes */{len(data)}"})
-            (first, last), ranged = span, self.headers.get("Range") is not None
+            (first, last), ranged = span, asked is not None
             if ranged:
                 headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
             self.send_response(206 if ranged else 200)
@@ -266,16 +273,30 @@ def _handler(hub: FakeHub):
                 body[hub.flip_byte_at - first] ^= 0xFF
             if hub.cut_body_at is not None:
                 del body[max(hub.cut_body_at - first, 0):]  # the connection closes short of Content-Length
+            pause = hub.stall_at - first if hub.stall_at is not None and first <= hub.stall_at <= last else None
             self.record["sent"] = 0
             try:
-                for at in range(0, len(body), BODY_CHUNK):
-                    piece = body[at:at + BODY_CHUNK]
-                    self.wfile.write(piece)
-                    self.record["sent"] += len(piece)
-                    if hub.throttle:
-                        time.sleep(len(piece) / hub.throttle)
+                self._write(body[:pause])
+                if pause is not None:
+                    self._stall()
+                    self._write(body[pause:])
             except (BrokenPipeError, ConnectionResetError):  # a killed client: nothing to answer
                 pass
+
+        def _write(self, body: bytes):
+            for at in range(0, len(body), BODY_CHUNK):
+                piece = body[at:at + BODY_CHUNK]
+                self.wfile.write(piece)
+                self.record["sent"] += len(piece)
+                if hub.throttle:
+                    time.sleep(len(piece) / hub.throttle)
+
+        def _stall(self):
+            """Waits while `stall_at` is set; a client that hangs up meanwhile ends the body."""
+            self.wfile.flush()
+            while hub.stall_at is not None:
+                if select.select([self.connection], [], [], 0.01)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionResetError
 
         do_HEAD = do_GET
 
