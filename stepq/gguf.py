@@ -34,7 +34,7 @@ from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
-from convert.hashing import file_sha256
+from convert.hashing import BackgroundHashes, file_sha256
 from convert.lock import OutputLock
 from convert.stages import StageProgress, digest
 from convert.writer import AtomicDir
@@ -92,11 +92,16 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
         timings = {}
         atomic = AtomicDir(out_dir, force, resumable=True)
         with OutputLock(out_dir), atomic as tmp:
+            # the source shards' sha256 (stepq.json) on a thread, reading alongside the export instead of after it
+            hashes = BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)])
             progress = StageProgress(tmp)
             if progress.has_work:
                 log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
             try:
                 files = _direct_stages(job, progress) if recipe is None else _quantize_stages(job, progress, timings)
+            except BaseException:
+                hashes.close()
+                raise
             finally:
                 atomic.keep_on_error = progress.has_work  # finished stages survive a failure, for the resume
             if progress.reused:
@@ -104,8 +109,8 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                          len(progress.reused) + len(progress.made), ", ".join(progress.reused))
             timings.setdefault("convert_s", time.time() - t0)
             exp = describe_gguf(ckpt, qtype if recipe is None else "BF16", mtp, mtp_only)
-            prov = _provenance(ckpt, exp, recipe, qtype, files, progress.recorded(files), source_id or str(model_dir),
-                               revision, timings)
+            prov = _provenance(ckpt, exp, recipe, qtype, files, progress.recorded(files), hashes,
+                               source_id or str(model_dir), revision, timings)
             if job.imatrix is not None:
                 prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
             (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
@@ -232,12 +237,14 @@ def _tensor_decision(p: PlannedTensor, actual: str, recipe: GGUFRecipe | None, q
 
 
 def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
-                file_records: dict[str, dict], source: str, revision: str | None, timings: dict) -> dict:
+                file_records: dict[str, dict], hashes: BackgroundHashes, source: str, revision: str | None,
+                timings: dict) -> dict:
     src_files = {}
     for name in [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"]:
         p = ckpt.dir / name
         if p.is_file():
-            src_files[name] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            sha = hashes.result(p) if name in ckpt.shards else file_sha256(p)
+            src_files[name] = {"size": p.stat().st_size, "sha256": sha}
     actual = read_tensor_types(files)
     tensors = {p.name: _tensor_decision(p, actual[p.name], recipe, qtype) for p in exp.tensors}
     return {
