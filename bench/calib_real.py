@@ -46,7 +46,7 @@ from convert.checkpoint import open_checkpoint  # noqa: E402
 CALIB_TEXT = ROOT / "fixtures" / "tiny-step35-data" / "calib.txt"
 REAL_LAYERS = {"dense": 3, "moe": 42, "mtp": 3}  # Step-3.5-Flash: layers 0-2 dense, 3-44 MoE, 45-47 MTP
 DEFAULT_TOKENS = {"quick": "1024,4096", "full": "4096,16384"}  # the larger run's compute should dwarf its reads
-CALIB_SETS = {"256 x 2048 (262k tokens)": 256 * 2048, "512 x 2048 (1M tokens)": 512 * 2048}
+CALIB_SETS = {"128 x 2048 (262k tokens)": 128 * 2048, "512 x 2048 (1M tokens)": 512 * 2048}
 
 # One 80 GB GPU, assumed (not measured): H100 SXM-class, BF16 dense peak 989 TFLOP/s, of which calibration-sized
 # grouped expert GEMMs (a few hundred tokens per expert per micro-batch) reach ~25%, and an eager per-expert loop
