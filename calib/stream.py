@@ -10,7 +10,6 @@ runs; logits are only computed when asked for (the golden test), never during ca
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
 from calib.reference import MtpLayer, from_checkpoint_names, text_config
 from convert.checkpoint import Checkpoint
 from convert.errors import BadInput
-from convert.writer import fsync_path
+from convert.writer import replace_durably
 
 SPILL_BYTES = 4 << 30           # activations above this go to disk
 MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch
@@ -122,13 +121,6 @@ class Activations:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it to `path`, fsync the folder: a crash leaves the old `path` or the new one."""
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def write_durably(path: Path, data) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ from convert.checkpoint import open_checkpoint
 from convert.config import SIDE_FILES
 from convert.errors import BadInput
 from convert.hashing import file_sha256
-from convert.writer import fsync_path
+from convert.writer import replace_durably
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile
@@ -153,13 +152,10 @@ def download_blob(model: str, commit: str, file: RepoFile, blobs: Path, lock_pat
         with open(partial, "ab") as f:
             http_get(hf_hub_url(model, file.path, revision=commit), f, resume_size=f.tell(), expected_size=size,
                      headers=headers, displayed_filename=file.path)
-            f.flush()
-            os.fsync(f.fileno())
         if file_sha256(partial) != sha:
             partial.unlink()
             raise BadInput(sha_mismatch(model, file.path, sha))
-        os.replace(partial, blob)
-        fsync_path(blobs)
+        replace_durably(partial, blob)
         stamp_verified(blob)
 
 

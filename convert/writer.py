@@ -65,6 +65,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the folder: a crash leaves the old `path` or the new one."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)

@@ -35,7 +35,7 @@ from convert.gguf_export import read_gguf
 from convert.hashing import file_sha256
 from convert.lock import OutputLock
 from convert.stages import TEMP_MARK, StageProgress, digest
-from convert.writer import WriteFailed, fsync_path
+from convert.writer import WriteFailed, fsync_path, replace_durably
 from eval import forward
 from eval.metrics import mtp_acceptance, token_stats
 from eval.report import write_report
@@ -104,9 +104,7 @@ def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, pr
     tmp = cache_dir / f".{path.name}{TEMP_MARK}{os.getpid()}"
     try:
         save_file(_as_tensors(out), tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(cache_dir)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return out
