@@ -23,13 +23,25 @@ TT = gguf.TokenType
 
 # tokenizer.json `pre_tokenizer` definitions -> the llama.cpp name whose regexes (src/llama-vocab.cpp) split
 # text the same way. DeepSeek-V3's is the one Step-3.5 (and the bundled fixture) use.
+# llama.cpp's spelling, which DeepSeek-V3's tokenizer.json shares once JSON-decoded: ordinary strings, so `\r` `\n`
+# are literal CR LF characters and `\"` is a bare quote.
 _DEEPSEEK_V3_SPLITS = (
+    "\\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+# The same regexes with regex escapes instead (`\r`, `\n`, `\"` as two characters each), as tokenizers written
+# from raw strings have them (the fixture's first revision did). They match the same characters.
+_DEEPSEEK_V3_SPLITS_ESCAPED = (
     r"\p{N}{1,3}",
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-    r"""[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    r"""[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 )
 KNOWN_PRE_TOKENIZERS: dict[tuple, str] = {
-    (*(("Split", r, "Isolated", False) for r in _DEEPSEEK_V3_SPLITS), ("ByteLevel", False)): "deepseek-v3",
+    (*(("Split", r, "Isolated", False) for r in splits), ("ByteLevel", False)): "deepseek-v3"
+    for splits in (_DEEPSEEK_V3_SPLITS, _DEEPSEEK_V3_SPLITS_ESCAPED)
 }
 
 
@@ -54,7 +66,8 @@ def _pre_tokenizer_signature(pre: dict | None) -> tuple:
 def pre_tokenizer_name(tokenizer_json: dict, path: Path) -> str:
     sig = _pre_tokenizer_signature(tokenizer_json.get("pre_tokenizer"))
     if sig not in KNOWN_PRE_TOKENIZERS:
-        raise BadInput(f"{path}: pre-tokenizer not recognised (stepq knows: {', '.join(KNOWN_PRE_TOKENIZERS.values())}); "
+        known = ", ".join(sorted(set(KNOWN_PRE_TOKENIZERS.values())))
+        raise BadInput(f"{path}: pre-tokenizer not recognised (stepq knows: {known}); "
                        f"llama.cpp would split text differently from the Hugging Face tokenizer")
     return KNOWN_PRE_TOKENIZERS[sig]
 
