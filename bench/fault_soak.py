@@ -291,7 +291,7 @@ def calibrate_soak(model: Path, kills: int, rng: random.Random, work: Path, figu
 
 def units_of(model: Path, scheme: str) -> int:
     from convert.checkpoint import open_checkpoint
-    from stepq.quantize import load_recipe, plan_units
+    from convert.safetensors_export import load_recipe, plan_units
 
     ckpt = open_checkpoint(model)
     try:

@@ -1,6 +1,6 @@
 """GGUF quality vs the BF16 GGUF, per type and importance-matrix source, measured by llama.cpp itself.
 
-For BF16, Q8_0, Q4_K_M, IQ4_XS and IQ2_XS (stepq's recipes, `stepq.gguf.export_gguf`): mean and 99th-percentile
+For BF16, Q8_0, Q4_K_M, IQ4_XS and IQ2_XS (stepq's recipes, `convert.gguf_job.export_gguf`): mean and 99th-percentile
 KL divergence and top-1 agreement ("Same top p") against the BF16 GGUF, from `llama-perplexity
 --kl-divergence-base` (BF16) then `--kl-divergence` on the held-out fixtures/tiny-step35-data/eval.txt, each
 quantized
@@ -34,7 +34,7 @@ from convert.gguf_export import write_gguf
 from convert.gguf_kld import kld, kld_base, llama_imatrix, quantize
 from convert.gguf_recipe import recipe_for
 from stepq.calibrate import calibrate
-from stepq.gguf import export_gguf
+from convert.gguf_job import export_gguf
 
 DATA = ROOT / "fixtures" / "tiny-step35-data"
 QTYPES = ["BF16", "Q8_0", "Q4_K_M", "IQ4_XS", "IQ2_XS"]

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from calib.stats import StatsCollector
-from calib.stream import Activations, write_durably
+from calib.stream import Activations
 from convert.hashing import file_sha256
+from convert.durable import write_atomic
 from convert.writer import read_progress
 
 log = logging.getLogger("stepq.calibrate")
@@ -57,7 +58,7 @@ class LayerCheckpoints:
         elif records:
             log.info("%s: the interrupted run was for other inputs or settings; starting over", self.dir)
         self._keep_only(self._chain)
-        write_durably(self.dir / PROGRESS_NAME, "".join(_line(r) for r in [header, *self._chain]).encode())
+        write_atomic(self.dir / PROGRESS_NAME, "".join(_line(r) for r in [header, *self._chain]).encode())
         self.opened, self.kept = True, bool(self._chain)
 
     def _intact_chain(self, layers: list[dict]) -> list[dict]:
@@ -112,7 +113,7 @@ class LayerCheckpoints:
     def commit(self, layer: int, output: Activations) -> None:
         """Persist what `layer` added to the statistics and its output, then record both; earlier outputs go."""
         stats, act = self.dir / f"stats-{layer:03d}.safetensors", self.dir / f"act-{layer:03d}.bin"
-        write_durably(stats, save(self._collector.take_state()))
+        write_atomic(stats, save(self._collector.take_state()))
         output.save(act)
         record = {"layer": layer, "stats": {"file": stats.name, "sha256": file_sha256(stats)},
                   "activations": {"file": act.name, "sha256": file_sha256(act), "shape": list(output.shape),

@@ -28,7 +28,7 @@ from calib.data import open_source, resolve_settings
 from convert.config import Step35Config
 from convert.errors import BadInput
 from convert.hashing import file_sha256
-from convert.writer import WriteFailed
+from convert.durable import WriteFailed, replace_durably
 
 if TYPE_CHECKING:
     from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
@@ -220,7 +220,7 @@ def model_fingerprint(model_dir: str | Path) -> dict:
 # ---- the store -------------------------------------------------------------------------------------------------------
 
 def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Atomic: temp file in the same folder, fsync, rename, fsync the folder. A failed write raises WriteFailed and
+    """Atomic (`replace_durably`). A failed write raises WriteFailed and
     leaves nothing behind (the caller says what else it keeps)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -229,14 +229,7 @@ def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
         os.chmod(tmp, 0o644)  # safetensors creates its files 0600; statistics are shared like artifacts
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        replace_durably(tmp, path)
     except OSError as e:  # disk full, file size limit: one line, and no half-written file left behind
         raise WriteFailed(f"{path}: cannot write the statistics file ({e.strerror or e})")
     except SafetensorError as e:  # how safetensors reports a failed write ("I/O error: File too large")

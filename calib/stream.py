@@ -32,7 +32,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
 from calib.reference import MtpLayer, from_checkpoint_names, text_config
 from convert.checkpoint import Checkpoint
 from convert.errors import BadInput
-from convert.writer import replace_durably
+from convert.durable import replace_durably, write_atomic
 
 SPILL_BYTES = 4 << 30           # activations above this go to disk
 MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch
@@ -114,24 +114,13 @@ class Activations:
             replace_durably(self.file, path)
             self.file = path
         else:
-            write_durably(path, self._raw())
+            write_atomic(path, self._raw())
 
     def close(self) -> None:
         self._mm = self._t = None  # the memory map closes with its last reference
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-
-def write_durably(path: Path, data) -> None:
-    """`data` (bytes-like) as the file `path`, via a temporary file (`replace_durably`); errors name the file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-    except OSError as e:
-        e.filename = e.filename or str(tmp)  # a failed write() names no file
-        raise
-    replace_durably(tmp, path)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from convert.arch.step35 import (
 )
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import Step35Config
+from convert.durable import replace_durably
 from convert.errors import BadInput
 from convert.gguf_names import gguf_name
 
@@ -133,7 +134,7 @@ def write_imatrix(stats: CalibStats, ckpt_config_or_checkpoint: Checkpoint | Ste
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
         w.close()  # flushes; the second close in `finally` is a no-op
-        os.replace(tmp, out_path)
+        replace_durably(tmp, out_path)
     finally:
         w.close()
         tmp.unlink(missing_ok=True)

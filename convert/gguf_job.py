@@ -1,4 +1,4 @@
-"""GGUF variants for llama.cpp: `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
+"""The GGUF export job (`stepq quantize --scheme gguf`): GGUF variants for llama.cpp, `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
 
 Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the output -> BF16/F16/Q8_0: stream the
 checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF,
@@ -15,10 +15,8 @@ a trunk in a Hub repo, so both files can be published into one repo without rena
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +34,9 @@ from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_t
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import BackgroundHashes, file_sha256
 from convert.lock import OutputLock
-from convert.stages import StageProgress, digest
-from convert.writer import AtomicDir
+from convert.provenance import digest, peak_rss_mib, source_files, versions
+from convert.stages import StageProgress
+from convert.durable import AtomicDir
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
@@ -140,7 +139,7 @@ class _Job:
         and the MTP settings: what every stage depends on."""
         files = {n: file_sha256(self.ckpt.dir / n) for n in READ_FILES if (self.ckpt.dir / n).is_file()}
         return {"shards": {s: self.ckpt.shard_identity(s) for s in sorted(self.ckpt.shards)}, "files": files,
-                "name": self.ckpt.dir.name, "stepq": _version("stepq"), "gguf": _version("gguf"),
+                "name": self.ckpt.dir.name, **versions("stepq", "gguf"),
                 "mtp": self.mtp, "mtp_only": self.mtp_only}
 
 
@@ -239,12 +238,8 @@ def _tensor_decision(p: PlannedTensor, actual: str, recipe: GGUFRecipe | None, q
 def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
                 file_records: dict[str, dict], hashes: BackgroundHashes, source: str, revision: str | None,
                 timings: dict) -> dict:
-    src_files = {}
-    for name in [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"]:
-        p = ckpt.dir / name
-        if p.is_file():
-            sha = hashes.result(p) if name in ckpt.shards else file_sha256(p)
-            src_files[name] = {"size": p.stat().st_size, "sha256": sha}
+    src_files = source_files(ckpt.dir, [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"],
+                             lambda p: hashes.result(p) if p.name in ckpt.shards else file_sha256(p))
     actual = read_tensor_types(files)
     tensors = {p.name: _tensor_decision(p, actual[p.name], recipe, qtype) for p in exp.tensors}
     return {
@@ -259,15 +254,9 @@ def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qt
         "files": file_records,
         "tokenizer": exp.tokenizer,
         "tensors": tensors,
-        "versions": {"stepq": _version("stepq"), "gguf": _version("gguf"), "torch": _version("torch"),
-                     "llama_cpp_python_sdist": LLAMA_CPP_PYTHON_VERSION, "llama_cpp": LLAMA_CPP_COMMIT},
+        "versions": {**versions("stepq", "gguf", "torch"), "llama_cpp_python_sdist": LLAMA_CPP_PYTHON_VERSION,
+                     "llama_cpp": LLAMA_CPP_COMMIT},
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

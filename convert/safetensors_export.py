@@ -1,20 +1,16 @@
-"""`stepq quantize`: stream a checkpoint through a recipe's layout into an artifact folder.
+"""The safetensors export: a checkpoint streamed through a recipe's layout into planned output shards.
 
-Top to bottom: open + validate the source -> load the recipe -> group tensors into units (fused groups together)
--> plan every output tensor with a meta-device dry run -> lock the output -> stream real tensors (expert by expert
-for 3-D stacks), skipping units an interrupted run already finished -> config, tokenizer, provenance -> atomic rename.
+`plan_units` groups tensors into units (fused groups together), `plan_outputs` plans every output tensor with a
+meta-device dry run, `write_units` converts and writes them (expert by expert for 3-D stacks) through an executor,
+skipping units an interrupted run already finished, and `provenance` describes the result for `stepq.json`.
+`stepq.quantize.quantize` runs these top to bottom.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
-import resource
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,19 +19,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import quant
 from convert.arch.step35 import EXPERT_ROLES, LINEAR_ROLES
-from convert.checkpoint import Checkpoint, SourceTensor, open_checkpoint
-from convert.config import model_file, model_name
+from convert.checkpoint import Checkpoint, SourceTensor
+from convert.config import model_file
 from convert.errors import BadInput
+from convert.executor import Executor, Task
 from convert.hashing import BackgroundHashes, file_sha256
 from convert.hub import TOKENIZER_FILES
-from convert.lock import OutputLock
+from convert.provenance import digest, peak_rss_mib, source_files, versions
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
-from stepq.executor import Executor, LocalExecutor, Task
-import quant
+from quant.expert_inputs import FALLBACK_REASON, expert_input_amax
 from quant.fast_common import all_finite
-from quant.layouts import NEEDS_ACTIVATION_STATS, KeptModule, layout_for
+from quant.layouts import KeptModule
 from quant.recipe import Recipe, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
@@ -99,7 +96,7 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> list[Unit]:
     return units
 
 
-class _Reader:
+class SourceReader:
     """Checkpoint reads; with `meta=True` the same reads on the meta device: the dry run that plans every output
     shape without touching data."""
 
@@ -125,11 +122,8 @@ class _Reader:
         module = t.info.module
         if expert is None:
             return self.stats.input_amax(module)
-        if self.stats.tokens(module, expert) > 0:
-            return self.stats.input_amax(module, expert)
-        # No calibration token reached this expert: the largest input absmax among its siblings in this layer
-        # keeps its activations from saturating if it is routed to at run time (listed by activation_fallbacks).
-        return torch.stack([self.stats.input_amax(module, e) for e in range(t.entry.shape[0])]).amax()
+        return expert_input_amax(self.stats.input_amax(module, expert), self.stats.input_amax(module),
+                                 self.stats.tokens(module, expert))
 
     def importance(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
         """Mean squared calibration input per input channel (the imatrix diagonal); None without statistics."""
@@ -143,7 +137,7 @@ class _Reader:
 
     def checked(self, t: SourceTensor, w: torch.Tensor) -> torch.Tensor:
         """`w` (a tensor, or one expert of a stack) after the NaN/Inf check: bad input unless allowed."""
-        if self.meta or not w.is_floating_point() or not has_nonfinite(w):
+        if self.meta or all_finite(w):
             return w
         where = f"{self.ckpt.shard_path(t.shard)}: tensor {t.info.name}"
         nan, inf = int(w.isnan().sum()), int(w.isinf().sum())
@@ -154,24 +148,6 @@ class _Reader:
             self._warned.add(t.info.name)
             log.warning("%s: %s; converting anyway (--allow-nonfinite): its outputs will not be finite", where, what)
         return w
-
-
-# NaN and Inf are the floats whose exponent bits are all ones. Testing the bits through numpy is ~20x faster than
-# torch.isfinite on BF16 (which converts every element): minutes instead of hours over the real model's 197B weights.
-_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                  torch.float32: (torch.int32, 0x7F800000)}
-
-
-def has_nonfinite(w: torch.Tensor) -> bool:
-    if w.numel() == 0:
-        return False
-    if w.dtype == torch.bfloat16:  # the source dtype: one fused numba pass on all cores, no full-size temporary
-        return not all_finite(w)
-    if w.dtype not in _EXPONENT_BITS:
-        return not bool(torch.isfinite(w).all())
-    int_dtype, mask = _EXPONENT_BITS[w.dtype]
-    bits = w.contiguous().view(int_dtype).numpy()
-    return int((bits & mask).max()) == mask
 
 
 def parts(unit: Unit) -> list[int | None]:
@@ -207,12 +183,12 @@ def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | Non
         yield from compute_part(layout, src, unit, e, read_part(src, unit, e))
 
 
-def _acts(src: _Reader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
+def _acts(src: SourceReader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
     acts = [src.act(t, expert) for t in unit.members]
     return None if acts[0] is None else acts
 
 
-def _importance(src: _Reader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
+def _importance(src: SourceReader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
     if layout.method != "search":  # only the scale search weighs errors by channel importance
         return None
     imp = [src.importance(t, expert) for t in unit.members]
@@ -220,7 +196,7 @@ def _importance(src: _Reader, unit: Unit, expert: int | None, layout) -> list[to
 
 
 def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> list[OutSpec]:
-    meta = _Reader(ckpt, meta=True, stats=stats)
+    meta = SourceReader(ckpt, meta=True, stats=stats)
     specs: dict[str, OutSpec] = {}
     owner: dict[str, str] = {}  # output -> the unit writing it: one each, so a unit can be redone on its own
     for u in units:
@@ -238,31 +214,22 @@ def plan_outputs(units: list[Unit], layout, ckpt: Checkpoint, stats=None) -> lis
 
 
 def activation_fallbacks(units: list[Unit], stats) -> list[dict]:
-    """Experts no calibration token reached, whose input scale is the max over the layer's experts (`_Reader.act`);
+    """Experts no calibration token reached, whose input scale is the max over the layer's experts
+    (`quant.expert_inputs`);
     derived from the statistics, in conversion order, so a resumed run records the same list."""
     if stats is None:
         return []
-    return [{"module": t.info.module, "expert": e,
-             "reason": "no calibration tokens; input scale from the max over the layer's experts"}
+    return [{"module": t.info.module, "expert": e, "reason": FALLBACK_REASON}
             for u in units if u.quantize and u.experts
             for e in range(u.members[0].entry.shape[0]) for t in u.members if stats.tokens(t.info.module, e) == 0]
 
 
-def _versions() -> dict:
-    # From the installed metadata: importing transformers only to read its version costs seconds per run.
-    import stepq
-
-    v = importlib.metadata.version
-    return {"stepq": stepq.__version__, "torch": torch.__version__, "transformers": v("transformers"),
-            "compressed_tensors": v("compressed-tensors"), "safetensors": v("safetensors")}
-
-
-def _settings_digest(ckpt: Checkpoint, recipe: Recipe, method: str, layout) -> str:
+def settings_digest(ckpt: Checkpoint, recipe: Recipe, method: str, layout) -> str:
     """Everything besides a unit's own tensors that decides its output bytes."""
     settings = {"recipe": recipe.to_dict(), "scheme": recipe.scheme, "method": method,
                 "layout": type(layout).__name__, "config_sha256": file_sha256(ckpt.dir / "config.json"),
-                "stepq": _versions()["stepq"], "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+                "versions": versions("stepq", "torch")}
+    return digest(settings)
 
 
 def unit_key(unit: Unit, ckpt: Checkpoint, settings: str, stats_sha256: str | None) -> str:
@@ -272,10 +239,10 @@ def unit_key(unit: Unit, ckpt: Checkpoint, settings: str, stats_sha256: str | No
                 ckpt.shard_identity(t.shard)] for t in unit.members]
     key = {"settings": settings, "members": members, "outputs": unit.outputs,
            "stats": stats_sha256 if unit.quantize else None}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return digest(key)
 
 
-def unit_tasks(unit: Unit, layout, src: _Reader) -> list[Task]:
+def unit_tasks(unit: Unit, layout, src: SourceReader) -> list[Task]:
     """A unit's pieces as executor tasks; the key (unit, last piece?) tells the writer when to commit the unit."""
     ps = parts(unit)
     piece_bytes = sum(t.entry.nbytes for t in unit.members) // max(len(ps), 1)
@@ -283,7 +250,7 @@ def unit_tasks(unit: Unit, layout, src: _Reader) -> list[Task]:
                  partial(compute_part, layout, src, unit, e), piece_bytes) for i, e in enumerate(ps)]
 
 
-def write_units(writer: ArtifactWriter, units: list[Unit], keys: dict[str, str], layout, src: _Reader,
+def write_units(writer: ArtifactWriter, units: list[Unit], keys: dict[str, str], layout, src: SourceReader,
                 specs: list[OutSpec], desc: str, executor: Executor) -> None:
     """Convert and write every unit, each recorded as finished once all its outputs are written; units an
     interrupted run finished under the same key are verified and kept instead. The executor reads the next pieces
@@ -313,90 +280,19 @@ def variant_name(recipe: Recipe) -> str:
     return recipe.name.upper()
 
 
-def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
-             max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
-             stats=None, method: str = "rtn", allow_nonfinite: bool = False,
-             executor: Executor | None = None) -> Path:
-    """`stats`: calibration statistics (`calib.stats.CalibStats`), required by schemes with static activation
-    scales (`quant.layouts.NEEDS_ACTIVATION_STATS`) and used as channel importance by `method="search"`.
-
-    Re-running after an interruption resumes: units finished by the earlier run (same inputs, same settings, bytes
-    intact) are kept, the rest converted; `force` starts over. One run per output folder (`convert.lock`).
-
-    `executor` runs the pieces (default: `LocalExecutor`, reading ahead on a thread while the kernels use every
-    core); the source shards are hashed for the provenance on another thread meanwhile."""
-    t0 = time.time()
-    ckpt = open_checkpoint(model)
-    try:
-        recipe = load_recipe(scheme, recipe_file)
-        try:
-            layout = layout_for(recipe.scheme, method)
-        except ValueError as e:
-            raise BadInput(str(e))
-        if recipe.scheme in NEEDS_ACTIVATION_STATS and stats is None:
-            raise BadInput(f"--scheme {scheme}: needs calibration statistics (run `stepq calibrate` first)")
-        if recipe.scheme not in NEEDS_ACTIVATION_STATS and method == "rtn":
-            stats = None
-        units = plan_units(ckpt, recipe)
-        extras = list(layout.extra_tensors(list(ckpt.config.mtp_layers)))
-        specs = plan_outputs(units, layout, ckpt, stats) + [OutSpec(n, t.dtype, tuple(t.shape)) for n, t, _ in extras]
-        t_plan = time.time()
-        out_dir = Path(out) / f"{model_name(model)}-{variant_name(recipe)}"
-        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
-        with ExitStack() as stack:
-            stack.enter_context(OutputLock(out_dir))
-            writer = stack.enter_context(ArtifactWriter(out_dir, force=force, resumable=True, **kwargs))
-            writer.plan(specs)
-            hashes = BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)
-                                       if not writer.memoized(SOURCE_SHA256, _shard_memo_key(ckpt, s))])
-            stack.callback(hashes.close)
-            if executor is None:
-                executor = stack.enter_context(LocalExecutor())
-            src = _Reader(ckpt, stats=stats, allow_nonfinite=allow_nonfinite)
-            settings, stats_sha256 = _settings_digest(ckpt, recipe, method, layout), stats and stats.sha256
-            keys = {u.id: unit_key(u, ckpt, settings, stats_sha256) for u in units}
-            write_units(writer, units, keys, layout, src, specs, f"quantize {recipe.name}", executor)
-            for name, t, _ in extras:
-                writer.write(name, t)
-            t_convert = time.time()
-            kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
-                    for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
-            whole_mtp = list(ckpt.config.mtp_layers) if recipe.mtp == "keep" else []
-            qcfg = layout.quantization_config(kept, whole_mtp)
-            config = dict(ckpt.config.raw)
-            config["quantization_config"] = qcfg
-            writer.write_json("config.json", config)
-            for name, obj in layout.extra_files(kept, whole_mtp).items():
-                writer.write_json(name, obj)
-            for name in TOKENIZER_FILES:
-                if (path := model_file(ckpt.dir, name)) is not None:
-                    writer.copy_file(path)
-            prov = _provenance(ckpt, recipe, method, units, writer, hashes, source_id or str(model), revision,
-                               {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
-            prov["added_tensors"] = {name: why for name, _, why in extras}
-            if stats is not None:
-                prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
-                                       "activation_fallbacks": activation_fallbacks(units, stats)}
-            writer.write_json("stepq.json", prov)
-    finally:
-        ckpt.close()
-    return out_dir
-
-
-def _shard_memo_key(ckpt: Checkpoint, shard: str) -> str:
+def shard_memo_key(ckpt: Checkpoint, shard: str) -> str:
     return f"{shard} {json.dumps(ckpt.shard_identity(shard), sort_keys=True)}"
 
 
-def _provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit], writer: ArtifactWriter,
-                hashes: BackgroundHashes, source: str, revision: str | None, timings: dict) -> dict:
-    files = {}
-    for shard in sorted(ckpt.shards):
-        p = ckpt.dir / shard
+def provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit], writer: ArtifactWriter,
+               hashes: BackgroundHashes, source: str, revision: str | None, timings: dict) -> dict:
+    """`stepq.json` of a safetensors artifact: the source's files, every tensor's decision, versions, timings."""
+    def sha256_of(p: Path) -> str:
+        if p.name not in ckpt.shards:
+            return file_sha256(p)
         # a 5 GB shard takes seconds to hash: a resumed run takes the hash from the progress file
-        sha = writer.memo(SOURCE_SHA256, _shard_memo_key(ckpt, shard), lambda p=p: hashes.result(p))
-        files[shard] = {"size": p.stat().st_size, "sha256": sha}
-    config = ckpt.dir / "config.json"
-    files["config.json"] = {"size": config.stat().st_size, "sha256": file_sha256(config)}
+        return writer.memo(SOURCE_SHA256, shard_memo_key(ckpt, p.name), lambda: hashes.result(p))
+
     decisions = {}
     for u in units:
         for t in u.members:
@@ -409,16 +305,40 @@ def _provenance(ckpt: Checkpoint, recipe: Recipe, method: str, units: list[Unit]
             }
     return {
         "format_version": 1,
-        "source": {"model": source, "revision": revision, "path": str(ckpt.dir.resolve()), "files": files},
+        "source": {"model": source, "revision": revision, "path": str(ckpt.dir.resolve()),
+                   "files": source_files(ckpt.dir, [*sorted(ckpt.shards), "config.json"], sha256_of)},
         "scheme": recipe.scheme, "method": method, "recipe": recipe.to_dict(), "variant": variant_name(recipe),
         "shards": writer.shard_names,
         "tensors": decisions,
-        "versions": _versions(),
+        "versions": versions("stepq", "torch", "transformers", "compressed-tensors", "safetensors"),
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 
 def _expert_output_of(output: str, stack_module: str) -> bool:
     head, proj = stack_module.rsplit(".", 1)
     return output.startswith(head + ".experts.") and output.split(".")[-2] == proj
+
+
+def source_hashes(writer: ArtifactWriter, ckpt: Checkpoint) -> BackgroundHashes:
+    """The source shards' sha256 for `stepq.json`, on a thread reading alongside the conversion; shards a resumed
+    run already hashed come from the progress file."""
+    return BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)
+                             if not writer.memoized(SOURCE_SHA256, shard_memo_key(ckpt, s))])
+
+
+def write_metadata(writer: ArtifactWriter, ckpt: Checkpoint, units: list[Unit], layout, recipe: Recipe) -> None:
+    """config.json with the layout's quantization config (what stayed BF16, for the engines' ignore lists), the
+    layout's extra files, and the tokenizer files, copied."""
+    kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
+            for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
+    whole_mtp = list(ckpt.config.mtp_layers) if recipe.mtp == "keep" else []
+    config = dict(ckpt.config.raw)
+    config["quantization_config"] = layout.quantization_config(kept, whole_mtp)
+    writer.write_json("config.json", config)
+    for name, obj in layout.extra_files(kept, whole_mtp).items():
+        writer.write_json(name, obj)
+    for name in TOKENIZER_FILES:
+        if (path := model_file(ckpt.dir, name)) is not None:
+            writer.copy_file(path)

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convert.hashing import file_sha256
-from convert.writer import PROGRESS_NAME, WriteFailed, fsync_path, read_progress
+from convert.durable import WriteFailed, fsync_path
+from convert.writer import PROGRESS_NAME, read_progress
 
 log = logging.getLogger("stepq.stages")
 TEMP_MARK = ".tmp-"  # in the names of files and folders being written: a run that died left them half-done

@@ -15,8 +15,6 @@ fsync: a line that outlived its data (power loss) fails the hash check and its u
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import logging
@@ -31,7 +29,7 @@ import torch
 import xxhash
 
 from convert.checkpoint import INDEX_NAME
-from convert.errors import BadInput
+from convert.durable import AtomicDir, WriteFailed
 from convert.safetensors_io import DTYPE_NAMES
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -39,11 +37,6 @@ PROGRESS_NAME = ".progress.jsonl"
 PROGRESS_VERSION = 2  # 2: region digests are XXH3-128 (1: sha256)
 HASH_CHUNK = 64 << 20
 log = logging.getLogger("stepq.writer")
-
-
-class WriteFailed(BadInput):
-    """Writing the output failed (disk full, file size limit, I/O error). Not the input's fault, but reported the
-    same way: one line naming the file, exit code 2. Finished work stays in the temporary folder for a resume."""
 
 
 @dataclass(frozen=True)
@@ -55,108 +48,6 @@ class OutSpec:
     @property
     def nbytes(self) -> int:
         return prod(self.shape) * self.dtype.itemsize
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it to `path`, fsync the folder: a crash leaves the old `path` or the new one."""
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a))
-
-
-class AtomicDir:
-    """Build a folder under a hidden temporary name; publish it by rename only when complete and fsynced. An
-    existing folder is replaced only with `force`, and stays until its replacement is complete (swapped in one
-    atomic exchange where the system has one).
-
-    Temporary name: `.<name>.partial-<pid>`, removed on any error; with `resumable`, `.<name>.partial`, kept on
-    an error that is not bad input once `keep_on_error` is set (by a writer that finished some work), so the same
-    command can resume. `force` always starts from an empty temporary folder."""
-
-    def __init__(self, final_dir: str | Path, force: bool = False, resumable: bool = False):
-        self.final, self.force, self.resumable = Path(final_dir), force, resumable
-        suffix = "partial" if resumable else f"partial-{os.getpid()}"
-        self.tmp = self.final.parent / f".{self.final.name}.{suffix}"
-        self.keep_on_error = False
-        self.resuming = False
-        self.scratch: list[str] = []  # bookkeeping files of the temporary folder, dropped just before the rename
-
-    def __enter__(self) -> Path:
-        if self.final.exists() and not self.force:
-            raise BadInput(f"{self.final}: output already exists (pass --force, or FORCE=1 to make, to replace it)")
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            if self.resumable and not self.force and self.tmp.is_dir():
-                self.resuming = True  # whoever resumes checks what is inside
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                self.tmp.mkdir()
-        except OSError as e:
-            raise WriteFailed(f"{e.filename or self.tmp}: cannot create the output folder ({e.strerror})")
-        return self.tmp
-
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            bad_input = issubclass(exc_type, BadInput) and not issubclass(exc_type, WriteFailed)
-            if bad_input or not self.keep_on_error:
-                self.discard()
-            return
-        try:
-            self.publish()
-        except OSError as e:
-            if not self.keep_on_error:
-                self.discard()
-            raise WriteFailed(f"{e.filename or self.final}: cannot publish the output ({e.strerror})")
-        except BaseException:
-            if not self.keep_on_error:
-                self.discard()
-            raise
-
-    def publish(self) -> None:
-        for p in self.tmp.iterdir():
-            fsync_path(p)
-        # Last moment before the rename, so a crash anywhere earlier still finds the bookkeeping to resume with.
-        for name in self.scratch:
-            (self.tmp / name).unlink(missing_ok=True)
-        fsync_path(self.tmp)
-        if self.final.exists():
-            if _exchange(self.tmp, self.final):
-                fsync_path(self.final.parent)
-                shutil.rmtree(self.tmp, ignore_errors=True)  # now the old folder
-                return
-            old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-            self.final.rename(old)
-            self.tmp.rename(self.final)
-            fsync_path(self.final.parent)
-            shutil.rmtree(old, ignore_errors=True)
-            return
-        self.tmp.rename(self.final)
-        fsync_path(self.final.parent)
 
 
 def _shard_layout(specs: list[OutSpec], max_shard_bytes: int) -> list[tuple[bytes, list[tuple[OutSpec, int]]]]:

@@ -11,11 +11,11 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from convert.durable import write_atomic
 from convert.errors import BadInput
 from convert.hashing import file_sha256
 from eval.policy import Policy, Rule, default_policy, load_policy
@@ -80,25 +80,6 @@ def diff_files(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
     out += [f"{f} disappeared" for f in sorted(expected.keys() - actual.keys())]
     out += [f"{f} appeared" for f in sorted(actual.keys() - expected.keys())]
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through a temp file in the same folder, fsynced, then renamed: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- reports -----------------------------------------------------------------------------------------------------
@@ -302,12 +283,38 @@ def _report_matches(report: dict, files: dict[str, str]) -> RuleResult:
 
 # --- the gate ----------------------------------------------------------------------------------------------------
 
+def read_provenance(artifact: Path) -> dict:
+    """The artifact's stepq.json, checked for the types of what the gate and the model card read from it (publish
+    uploads only what the gate judged, so it meets the file checked here)."""
+    path = artifact / "stepq.json"
+    try:
+        prov = json.loads(path.read_text())
+    # ValueError: bad JSON, bad UTF-8, an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: not a stepq artifact ({e.__class__.__name__})")
+    if not isinstance(prov, dict):
+        raise BadInput(f"{path}: not a stepq artifact (not a JSON object)")
+    expect = {"variant": str, "scheme": str, "qtype": str, "method": str, "source": dict, "recipe": dict,
+              "versions": dict, "tensors": dict, "files": dict, "mtp_layers": list}
+    for key, kind in expect.items():
+        if prov.get(key) is not None and not isinstance(prov[key], kind):
+            raise BadInput(f"{path}: {key} must be a {'JSON object' if kind is dict else kind.__name__}")
+    for section, key in (("source", "model"), ("source", "path"), ("source", "revision"), ("recipe", "description"),
+                         ("recipe", "tool"), ("versions", "stepq")):
+        value = (prov.get(section) or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            raise BadInput(f"{path}: {section}.{key} must be a string")
+    for name, t in (prov.get("tensors") or {}).items():
+        if not isinstance(t, dict) or not isinstance(t.get("role", ""), (str, type(None))):
+            raise BadInput(f"{path}: tensor {name!r}: its decision must be a JSON object with a string role")
+    if not all(type(i) is int for i in prov.get("mtp_layers") or []):
+        raise BadInput(f"{path}: mtp_layers must list layer numbers")
+    return prov
+
+
 def _variant(artifact: Path, report: dict, report_path: Path) -> str:
     variant = (report.get("artifact") or {}).get("variant")
-    try:
-        provenance = json.loads((artifact / "stepq.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"{artifact / 'stepq.json'}: not a stepq artifact ({e.__class__.__name__})")
+    provenance = read_provenance(artifact)
     if variant is None:
         raise BadInput(f"{report_path}: artifact.variant is missing")
     if provenance.get("variant") and provenance["variant"] != variant:

@@ -26,7 +26,7 @@ def main_file(folder: Path) -> Path:
 
 
 def bf16_baseline(model_dir: Path, out_root: Path) -> Path:
-    from stepq.gguf import export_gguf, variant_dir
+    from convert.gguf_job import export_gguf, variant_dir
 
     folder = variant_dir(model_dir, out_root, "BF16")
     if not folder.is_dir():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from convert.durable import write_atomic
 from eval.schema import REPORT_JSON, REPORT_MD, is_measured
 
 
@@ -129,15 +129,6 @@ def _save(fig, eval_dir: Path, name: str) -> str:
 def write_report(r: dict, eval_dir: Path) -> Path:
     """report.json + report.md + plots into `eval_dir` (created by the caller as a temp dir, renamed after)."""
     r["plots"] = write_plots(r, eval_dir)
-    _atomic_text(eval_dir / REPORT_MD, render_markdown(r))
-    _atomic_text(eval_dir / REPORT_JSON, json.dumps(r, indent=2, allow_nan=False) + "\n")
+    write_atomic(eval_dir / REPORT_MD, render_markdown(r))
+    write_atomic(eval_dir / REPORT_JSON, json.dumps(r, indent=2, allow_nan=False) + "\n")
     return eval_dir / REPORT_JSON
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

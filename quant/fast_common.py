@@ -192,10 +192,23 @@ if numba is not None:
         return 1 if bad == _EXP16 else 0
 
 
+# NaN and Inf are the floats whose exponent bits are all ones: testing the bits is ~20x faster than torch.isfinite,
+# which converts every element (minutes instead of hours over the real model's 197B weights).
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                  torch.float32: (torch.int32, 0x7F800000)}
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """`bool(torch.isfinite(t).all())`, one fused pass on all cores for bf16 CPU tensors (torch's version makes a
-    bool temporary and ran at ~60 Mparam/s on this machine, the largest cost of quantize.py's input check)."""
-    if eligible(t) and t.numel():
+    """`bool(torch.isfinite(t).all())`, the project's one finiteness check of weights: one fused pass on all cores
+    for bf16 CPU tensors (torch's version makes a bool temporary, the largest cost of an input check), an
+    exponent-bits test for other CPU floats."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if eligible(t):
         x = bf16_bits(t).reshape(-1, t.shape[-1]) if t.dim() else bf16_bits(t).reshape(1, 1)
         return not run_chunks(_nonfinite_rows, x.shape[0], x.shape[1], x)
-    return bool(torch.isfinite(t).all())
+    if t.dtype not in _EXPONENT_BITS or t.device.type != "cpu":
+        return bool(torch.isfinite(t).all())
+    int_dtype, mask = _EXPONENT_BITS[t.dtype]
+    bits = t.detach().contiguous().view(int_dtype).numpy()
+    return int((bits & mask).max()) != mask

@@ -27,9 +27,8 @@ from calib.data import CalibData, load_calibration, resolve_settings
 from calib.stats import FORMAT_VERSION, CalibStats, StatsCollector, model_fingerprint, save_stats
 from convert.checkpoint import open_checkpoint
 from convert.config import model_name
-from convert.errors import BadInput
+from convert.errors import BadInput, WriteFailed
 from convert.lock import OutputLock
-from convert.writer import WriteFailed
 
 if TYPE_CHECKING:
     from calib.resume import LayerCheckpoints

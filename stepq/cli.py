@@ -32,7 +32,7 @@ def _cmd_pull(args) -> int:
 
 def _calibration_settings(args) -> dict:
     return {"dataset": args.dataset, "n": args.num_samples, "seq_len": args.seq_len, "seed": args.seed,
-            "all_experts": args.all_experts}
+            "all_experts": bool(args.all_experts)}
 
 
 def _cmd_calibrate(args) -> int:
@@ -44,18 +44,45 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+# Flags that only mean something for GGUF, for the safetensors schemes, or when calibration statistics are used:
+# given where they do not apply, they are refused rather than silently ignored.
+GGUF_ONLY = {"qtype": "--qtype", "no_mtp": "--no-mtp", "mtp_only": "--mtp-only", "imatrix": "--imatrix"}
+SAFETENSORS_ONLY = {"recipe": "--recipe", "method": "--method", "allow_nonfinite": "--allow-nonfinite"}
+CALIBRATION = {"stats": "--stats", "dataset": "--dataset", "num_samples": "--num-samples", "seq_len": "--seq-len",
+               "all_experts": "--all-experts"}
+
+
+def _given(args, flags: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in flags.items() if getattr(args, dest) not in (None, False)]
+
+
+def _refuse(flags: list[str], why: str) -> None:
+    if flags:
+        raise BadInput(f"{', '.join(flags)}: {'does' if len(flags) == 1 else 'do'} not apply {why}")
+
+
 def _cmd_quantize(args) -> int:
     from calib.stats import CalibStats
     from convert.hub import resolve_model
+    from convert.safetensors_export import load_recipe
     from quant.layouts import NEEDS_ACTIVATION_STATS
     from stepq.calibrate import calibrate
-    from stepq.quantize import load_recipe, quantize
+    from stepq.quantize import quantize
 
+    if args.scheme == "gguf":
+        _refuse(_given(args, SAFETENSORS_ONLY), "to --scheme gguf (its recipe is --qtype)")
+        if not args.imatrix:
+            _refuse(_given(args, CALIBRATION), "to --scheme gguf without --imatrix (no calibration is used)")
+    else:
+        _refuse(_given(args, GGUF_ONLY), f"to --scheme {args.scheme} (GGUF only)")
+        method = args.method or "rtn"
+        if load_recipe(args.scheme, args.recipe).scheme not in NEEDS_ACTIVATION_STATS and method == "rtn":
+            _refuse(_given(args, CALIBRATION), f"to --scheme {args.scheme} with --method rtn (data-free)")
     folder = resolve_model(args.model, args.revision)
     if args.stats:  # a file the user named: refuse one computed from another model before any work
         CalibStats.load(args.stats).check_source(folder)
     if args.scheme == "gguf":
-        from stepq.gguf import export_gguf
+        from convert.gguf_job import export_gguf
 
         imatrix = None
         if args.imatrix:
@@ -69,13 +96,13 @@ def _cmd_quantize(args) -> int:
             _remember(out)
         return 0
     stats = None
-    if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or args.method == "search":
+    if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or method != "rtn":
         # Reuses out/<model>-calib/stats.safetensors when source, dataset and settings match; else calibrates.
         path = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
         stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
                    max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
-                   method=args.method, allow_nonfinite=args.allow_nonfinite)
+                   method=method, allow_nonfinite=args.allow_nonfinite)
     _remember(out)
     return 0
 
@@ -159,7 +186,7 @@ def _add_calibration_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int, help="N calibration sequences")
     g.add_argument("--seq-len", type=int, help="L tokens per sequence")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--all-experts", action="store_true",
+    g.add_argument("--all-experts", action="store_true", default=None,
                    help="every token also reaches every expert, for statistics only (routing stays top-k)")
 
 
@@ -208,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert weights holding NaN/Inf (a warning per tensor) instead of refusing them")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")
-    s.add_argument("--method", choices=["rtn", "search"], default="rtn",
-                   help="rtn: round to nearest, bit-identical to compressed-tensors; search (NVFP4): per-group FP8 "
+    s.add_argument("--method", choices=["rtn", "search"],
+                   help="safetensors schemes; rtn (default): round to nearest, bit-identical to compressed-tensors; search (NVFP4): per-group FP8 "
                         "scale search weighted by calibration importance, same format, lower error")
     _add_calibration_args(s)
     s.set_defaults(run=_cmd_quantize)

@@ -34,7 +34,7 @@ from convert.gguf_export import add_model_metadata, llama3_rope_factors, write_g
 from convert.gguf_kld import perplexity
 from convert.gguf_recipe import fallback_type, recipe_for
 from convert.gguf_tools import llama_cpp_dir, reference_converter_cmd, tool
-from stepq.gguf import export_gguf, read_tensor_types
+from convert.gguf_job import export_gguf, read_tensor_types
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = REPO / "fixtures" / "tiny-step35-data" / "eval.txt"

@@ -30,7 +30,7 @@ from convert.gguf_imatrix import imatrix_entries, write_imatrix
 from convert.gguf_kld import kld, kld_base, llama_imatrix, perplexity, quantize, threads
 from convert.gguf_tools import llama_cpp_dir, run, tool
 from stepq.calibrate import calibrate
-from stepq.gguf import export_gguf, read_tensor_types
+from convert.gguf_job import export_gguf, read_tensor_types
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "fixtures" / "tiny-step35-data"

@@ -389,7 +389,7 @@ CORPUS = [
 def _gguf_artifact(tmp: Path) -> tuple[Path, Path]:
     """A Q8_0 GGUF artifact of the trained fixture (the random checkpoint has no tokenizer), written by gguf-py
     alone (no llama.cpp tools) -> (artifact folder, its .gguf file)."""
-    from stepq.gguf import export_gguf
+    from convert.gguf_job import export_gguf
 
     art = export_gguf(BUNDLED_FIXTURE, tmp / "artifacts", "Q8_0")
     return art, next(art.glob("*.gguf"))
@@ -501,23 +501,23 @@ def test_all_zero_expert_quantizes_to_finite_values_that_decode_to_zero(model, t
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nonfinite_check_agrees_with_torch_on_every_16_bit_value(dtype):
-    """The fast exponent-bits check (`has_nonfinite`) against torch.isfinite, over all 65536 bit patterns."""
-    from stepq.quantize import has_nonfinite
+    """The fast exponent-bits check (`all_finite`) against torch.isfinite, over all 65536 bit patterns."""
+    from quant.fast_common import all_finite
 
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = torch.isfinite(every)
     assert 0 < int(finite.sum()) < len(every)
-    assert not has_nonfinite(every[finite])
-    assert all(has_nonfinite(v.reshape(1)) for v in every[~finite])
+    assert all_finite(every[finite])
+    assert not any(all_finite(v.reshape(1)) for v in every[~finite])
 
 
 def test_nonfinite_check_float32_edges():
-    from stepq.quantize import has_nonfinite
+    from quant.fast_common import all_finite
 
     edges = torch.tensor([0.0, -0.0, 1e-45, torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max])
-    assert not has_nonfinite(edges)
+    assert all_finite(edges)
     for bad in (float("nan"), float("inf"), float("-inf")):
-        assert has_nonfinite(torch.cat([edges, torch.tensor([bad])]))
+        assert not all_finite(torch.cat([edges, torch.tensor([bad])]))
 
 
 # -- a damaged GGUF intermediate in the resumable temporary folder: detected and made again, not a crash ----------
@@ -544,14 +544,14 @@ def _flip(f: Path) -> None:
 def test_a_damaged_gguf_intermediate_is_made_again(llama_cpp_tools, tmp_path, monkeypatch, caplog, damage):
     """A kill after the BF16 intermediate was recorded, then its bytes damaged (disk error, a stray writer): the
     re-run notices it by its recorded sha256, writes it again, and gives the uninterrupted run's file."""
-    import stepq.gguf
+    import convert.gguf_job
 
     argv = ["quantize", str(BUNDLED_FIXTURE), "--scheme", "gguf", "--qtype", "Q4_K_M", "--out"]
     assert main([*argv, str(tmp_path / "ref")]) == 0
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for the kill: not bad input, so the partial folder is kept
-    monkeypatch.setattr(stepq.gguf, "llama_quantize", killed)
+    monkeypatch.setattr(convert.gguf_job, "llama_quantize", killed)
     with pytest.raises(KeyboardInterrupt):
         main([*argv, str(tmp_path / "out")])
     monkeypatch.undo()

@@ -120,7 +120,7 @@ def test_resume_reuses_finished_units(model, tmp_path, monkeypatch, caplog):
 def _shard_units(model: Path, shard: str) -> int:
     """Units of the fp8-block recipe whose tensors all live in `shard` (units run in shard order)."""
     from convert.checkpoint import open_checkpoint
-    from stepq.quantize import load_recipe, plan_units
+    from convert.safetensors_export import load_recipe, plan_units
 
     ckpt = open_checkpoint(model)
     units = plan_units(ckpt, load_recipe("fp8-block"))
@@ -160,7 +160,7 @@ class _Stats:
 
 def test_other_statistics_redo_the_quantized_units_and_keep_the_rest(model, tmp_path, monkeypatch, caplog):
     from convert.checkpoint import open_checkpoint
-    from stepq.quantize import load_recipe, plan_units
+    from convert.safetensors_export import load_recipe, plan_units
 
     ckpt = open_checkpoint(model)
     units = plan_units(ckpt, load_recipe("nvfp4"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import eval.measure as measure
 import stepq.evaluate as evaluate
 from convert.writer import PROGRESS_NAME
 from stepq.cli import main
@@ -70,8 +71,8 @@ def _crash(*args, **kwargs):
 
 
 def _crashed(argv: list[str], monkeypatch, where: str) -> None:
-    """Run `argv` with `stepq.evaluate.<where>` dying."""
-    monkeypatch.setattr(evaluate, where, _crash)
+    """Run `argv` with `<where>` (a function of stepq.evaluate or eval.measure) dying."""
+    monkeypatch.setattr(evaluate if hasattr(evaluate, where) else measure, where, _crash)
     with pytest.raises(Crash):
         main(argv)
     monkeypatch.undo()
@@ -113,7 +114,7 @@ def test_a_crashed_eval_resumes_from_its_finished_stages(reference, artifact, ar
 
 
 def test_other_tasks_redo_only_the_tasks(artifact, bundled_fixture, monkeypatch, caplog):
-    _crashed(_eval(artifact, bundled_fixture, "--tasks", ""), monkeypatch, "_publish_report")  # every stage done
+    _crashed(_eval(artifact, bundled_fixture, "--tasks", ""), monkeypatch, "publish_report")  # every stage done
     caplog.set_level(logging.INFO)
     assert main(_eval(artifact, bundled_fixture, "--tasks", "tiny_step35_word_order", "--task-limit", "2")) == 0
     assert "tasks: inputs or settings changed since the earlier run" in caplog.text

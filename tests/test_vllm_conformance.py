@@ -22,7 +22,7 @@ import torch
 import convert.fixtures as fixtures
 from eval.vllm_conformance import VLLM_VERSION, VllmEnvError, ensure_vllm_env, summary, verify_vllm
 from stepq.cli import main as stepq_main
-from stepq.quantize import RECIPES_DIR
+from convert.safetensors_export import RECIPES_DIR
 
 # Every bundled safetensors recipe (test_every_bundled_recipe_is_checked keeps this list complete) and the
 # quantization method vLLM must pick for it.

@@ -24,7 +24,7 @@ from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, llama_cpp_dir
 from eval.gguf_logits import LlamaCppModel, gguf_mtp_acceptance, import_llama_cpp
 from eval.schema import not_measured
 from eval.speed import llama_bench, speed_ratios, vllm_available, vllm_speed
-from stepq.gguf import export_gguf
+from convert.gguf_job import export_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_TEXT = REPO / "fixtures" / "tiny-step35-data" / "eval.txt"

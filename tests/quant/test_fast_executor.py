@@ -1,4 +1,4 @@
-"""stepq.executor: the local executor used to pipeline reads and the fast quantize kernels.
+"""convert.executor: the local executor used to pipeline reads and the fast quantize kernels.
 
 Lives beside the kernel tests because it exists for them: results in submission order, bounded read-ahead,
 errors surface at the consumer, early exit stops the reader; and an expert-by-expert NVFP4 conversion through it
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quant.nvfp4 import quantize_nvfp4, shared_global_scale
-from stepq.executor import LocalExecutor, SerialExecutor, Task, touch_pages
+from convert.executor import LocalExecutor, SerialExecutor, Task, touch_pages
 
 
 def _slow_square(x, delay=0.0):

@@ -1,0 +1,24 @@
+"""Input scales of routed experts that calibration never reached.
+
+An expert no calibration token was routed to has no input statistics of its own, yet the engine may route tokens
+to it at run time. Its static input scale then comes from the largest input absmax among its siblings in the same
+layer and projection: its activations do not saturate, at the price of a coarser scale. Pure functions over the
+per-expert statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FALLBACK_REASON = "no calibration tokens; input scale from the max over the layer's experts"
+
+
+def expert_input_amax(own: torch.Tensor, layer_max: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The input absmax an expert's static scale is computed from: its own (`own`, over `tokens` calibration
+    tokens) when it saw any, else `layer_max`, the max over the layer's experts of the same projection."""
+    return own if tokens > 0 else layer_max
+
+
+def without_tokens(tokens: list[int]) -> list[int]:
+    """The experts (indices) that saw no calibration token: those `expert_input_amax` gives the layer's max."""
+    return [e for e, n in enumerate(tokens) if n == 0]
