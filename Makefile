@@ -28,7 +28,8 @@ IMATRIX ?=
 
 setup: $(STAMP)
 
-# torch first, pinned: this machine has a CPU build of 2.13.0 on disk; a looser requirement pulls a CUDA build.
+# torch first, pinned: `pip install torch==2.13.0` takes the CPU build where one is provided locally; a looser
+# requirement pulls a multi-GB CUDA build from the index.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -107,7 +108,7 @@ LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.stepq-built
 LLAMA_CPP_PY_STAMP := $(LLAMA_CPP_DIR)/python/.stepq-extracted
 LLAMA_CPP_PY_DEPS := diskcache==5.6.3
 # Native build without AMX: ggml's AMX matmul (picked for quantized types on CPUs that report AMX) dies with
-# SIGILL/SIGSEGV in this machine's VM, which reports AMX without giving tile state. Explicit -mno-* flags win over
+# SIGILL/SIGSEGV in VMs that report AMX without giving the process tile state. Explicit -mno-* flags win over
 # -march=native in GCC. The build id is in the stamp: a cache built with other flags is rebuilt.
 LLAMA_CPP_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CPP_BUILD_ID := llama-cpp-python==$(LLAMA_CPP_VERSION) native $(LLAMA_CPP_NO_AMX)

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convert.ledger import LEDGER_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPQ = [sys.executable, "-m", "stepq.cli"]
 # stepq.json fields that describe the run rather than the artifact (wall times, peak memory of that process).
@@ -111,17 +113,19 @@ def _progress_lines(progress: Path) -> int:
         return 0
 
 
-def _units_done(progress: Path, field: str = "unit") -> int:
-    """Finished units in a progress file: lines that start with `field` (quantize: "unit", calibrate: "layer")."""
+def _units_done(progress: Path, field: str = "unit", prefix: str = "") -> int:
+    """Finished units in a ledger: the distinct `field` values (starting with `prefix`) of the lines that start with
+    `field` (quantize: every unit; calibrate: "stats-" units, one per layer)."""
     try:
         lines = progress.read_text().splitlines()
     except FileNotFoundError:
         return 0
-    return len({json.loads(line)[field] for line in lines if line.startswith(f'{{"{field}"')})
+    return len({v for line in lines if line.startswith(f'{{"{field}"')
+                and str(v := json.loads(line)[field]).startswith(prefix)})
 
 
 def _run_once(cmd: list[str], progress: Path, rng: random.Random, units: int, kill: bool, log: Path,
-              startup_s: float, field: str = "unit", settle_s: float = 0.02) -> tuple[int | None, str]:
+              startup_s: float, prefix: str = "", settle_s: float = 0.02) -> tuple[int | None, str]:
     """One run; with `kill`, SIGKILL at a random point: a random time after the start, or up to `settle_s` after a
     random number of further progress lines. -> (exit code or None if killed, kill point kind)."""
     with open(log, "w") as err:
@@ -133,7 +137,7 @@ def _run_once(cmd: list[str], progress: Path, rng: random.Random, units: int, ki
     else:
         # a run appends the header (if new), a line per unit it finishes, then a memo line per source shard:
         # aim anywhere in what is left, up to just past the last unit (provenance, publish)
-        left = units - _units_done(progress, field)
+        left = units - _units_done(progress, "unit", prefix)
         kind, deadline, target = "progress", None, _progress_lines(progress) + rng.randint(1, left + 1)
     while p.poll() is None:
         if (deadline is not None and time.time() >= deadline) or (
@@ -152,7 +156,7 @@ def kill_resume_round(cmd: list[str], out: Path, final: Path, reference: dict[st
                       units: int, max_kills: int, figures: Figures, startup_s: float = 6.0) -> None:
     """Kill successive runs of `cmd` (writing `final` under `out`) up to `max_kills` times, then let one finish;
     the artifact must equal `reference`. Figures are added to `figures`; mismatches raise AssertionError."""
-    progress = final.parent / f".{final.name}.partial" / ".progress.jsonl"
+    progress = final.parent / f".{final.name}.partial" / LEDGER_NAME
     watcher = FinalWatcher(final)
     watcher.start()
     kills = 0
@@ -223,7 +227,7 @@ def calibrate_round(cmd: list[str], stats: Path, reference: str, rng: random.Ran
     """Kill successive runs of the calibrate `cmd` (writing `stats`) up to `max_kills` times, then let one finish;
     the statistics must equal `reference`. Kills come at a random time up to `startup_s`, or up to `layer_s` after a
     random number of finished layers. Figures are added to `figures`; mismatches raise AssertionError."""
-    progress = stats.parent / f".{stats.name}.partial" / "progress.jsonl"
+    progress = stats.parent / f".{stats.name}.partial" / LEDGER_NAME
     out = stats.parent.parent
     watcher = FinalWatcher(stats, look=_stats_look)
     watcher.start()
@@ -231,7 +235,7 @@ def calibrate_round(cmd: list[str], stats: Path, reference: str, rng: random.Ran
     try:
         while True:
             log = out.parent / f"{out.name}-run{figures.calibrate_runs}.err"
-            code, kind = _run_once(cmd, progress, rng, layers, kills < max_kills, log, startup_s, field="layer",
+            code, kind = _run_once(cmd, progress, rng, layers, kills < max_kills, log, startup_s, prefix="stats-",
                                    settle_s=layer_s)
             figures.calibrate_runs += 1
             text = log.read_text()

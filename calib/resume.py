@@ -2,38 +2,61 @@
 finished and writes the very statistics an uninterrupted run writes.
 
 They live in the output's temporary folder, `<model>-calib/.stats.safetensors.partial/` (the output lock keeps runs
-apart), and are written layer by layer, each file under a temporary name, fsynced and renamed into place:
-- `stats-NNN.safetensors`: the statistics layer NNN added (`StatsCollector.take_state`: raw accumulators);
-- `act-NNN.bin`: the layer's output, the next layer's input. Only the last finished layer's is kept. When the run
-  spills activations to disk, it is the very file the layer wrote through its memory map, renamed;
-- `progress.jsonl`: a header with the run's key (sha256 of everything the statistics depend on), then one line per
-  finished layer with the sha256 of both files, appended and fsynced once they are in place.
+apart), as units of the job's resume ledger (`convert.ledger.Stages`, whose header holds the run's key: the sha256 of
+everything the statistics depend on). Per layer NNN, two units:
+- `stats-NNN`: `stats-NNN.safetensors`, the statistics layer NNN added (`StatsCollector.take_state`: raw
+  accumulators), kept until the end;
+- `act-NNN`: `act-NNN.bin`, the layer's output, the next layer's input, with its shape and dtype in the record. Only
+  the last finished layer's is kept (earlier ones are forgotten). When the run spills activations to disk, it is the
+  very file the layer wrote through its memory map, renamed.
 
-A re-run with the same key checks the files against their recorded hashes and continues after the last layer whose
-files (and every earlier layer's statistics) are intact; a damaged file is redone with everything after it (back to
-the embedding when the activations to redo it from are gone). Another key, or `force`, starts over.
+A re-run with the same key continues after the last layer whose statistics (and every earlier layer's) and output
+are intact; a damaged file is redone with everything after it (back to the embedding when the activations to redo
+it from are gone). Another key, or `force`, starts over.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
-from calib.stats import StatsCollector
+from calib.data import CalibData
+from calib.stats import FORMAT_VERSION, StatsCollector
 from calib.stream import Activations
-from convert.hashing import file_sha256
-from convert.durable import write_atomic
-from convert.writer import read_progress
+from convert.durable import WriteFailed
+from convert.ledger import LEDGER_NAME, Stages
+from convert.provenance import digest, versions
 
 log = logging.getLogger("stepq.calibrate")
-PROGRESS_NAME = "progress.jsonl"
-PROGRESS_VERSION = 1
+LEDGER_VERSION = 2  # 2: the common ledger (1: calibration's own progress.jsonl)
+
+
+def run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: torch.dtype, spill_bytes: int,
+            micro_batch_tokens: int) -> str:
+    """sha256 of everything the statistics file depends on (but where the model lives and the run's timings): a
+    run continues an interrupted one only under the same key."""
+    inputs = {
+        "source": {k: source[k] for k in ("config_sha256", "shards")}, "dataset": data.dataset,
+        "token_ids_sha256": hashlib.sha256(data.ids.numpy().tobytes()).hexdigest(),
+        "tokens_drawn_from": data.tokens_drawn_from, "n": data.n, "seq_len": data.seq_len, "seed": data.seed,
+        "all_experts": all_experts, "compute_dtype": str(compute_dtype), "format_version": FORMAT_VERSION,
+        # micro-batches set how squares are summed; the spill size shows in the metadata
+        "micro_batch_tokens": micro_batch_tokens, "spill_bytes": spill_bytes, "versions": versions("stepq", "torch", "transformers"),
+    }
+    return digest(inputs)
+
+
+def _stats(layer: int) -> str:
+    return f"stats-{layer:03d}"
+
+
+def _act(layer: int) -> str:
+    return f"act-{layer:03d}"
 
 
 class LayerCheckpoints:
@@ -44,103 +67,85 @@ class LayerCheckpoints:
         self.opened = False  # this run has taken the folder over (before that, an error leaves it alone)
         self.kept = False    # it holds finished layers: an interrupted run leaves it for a resume
         self._collector: StatsCollector | None = None
-        self._chain: list[dict] = []  # an earlier run's intact layer records, in layer order
+        self._stages: Stages | None = None
+        self._key = ""
+        self._chain: list[int] = []  # an earlier run's intact layers, 0..n
 
     def open(self, key: str, collector: StatsCollector, force: bool) -> None:
         """Take up an earlier run's folder if it has the same key (never with `force`), else start an empty one."""
-        self._collector = collector
-        records = read_progress(self.dir / PROGRESS_NAME)
-        header = {"stepq_calibration_progress": PROGRESS_VERSION, "key": key}
-        if force and records:
+        self._collector, self._key = collector, key
+        if force and self.dir.is_dir():
             log.info("%s: starting over (--force)", self.dir)
-        elif records and records[0] == header:
-            self._chain = self._intact_chain(records[1:])
-        elif records:
+            shutil.rmtree(self.dir)
+        existed = (self.dir / LEDGER_NAME).is_file()
+        self._stages = Stages(self.dir, {"stepq_ledger": "calibration", "version": LEDGER_VERSION, "key": key})
+        if self._stages.ledger.resumed:
+            self._chain = self._intact_chain()
+        elif existed:
             log.info("%s: the interrupted run was for other inputs or settings; starting over", self.dir)
         self._keep_only(self._chain)
-        write_atomic(self.dir / PROGRESS_NAME, "".join(_line(r) for r in [header, *self._chain]).encode())
         self.opened, self.kept = True, bool(self._chain)
 
-    def _intact_chain(self, layers: list[dict]) -> list[dict]:
-        """The longest run of records from layer 0 whose statistics files are intact and whose last activations
-        file is, too (earlier layers' activations are gone by design)."""
+    def _intact_chain(self) -> list[int]:
+        """The layers from 0 whose statistics files are intact, up to the last whose output is intact, too (earlier
+        layers' outputs are gone by design)."""
+        recorded = sum(1 for u, r in self._stages.ledger.units.items() if u.startswith("stats-") and r["outputs"])
         chain = []
-        for n, r in enumerate(layers):
-            if not (_well_formed(r, n) and self._intact(r["stats"])):
-                break
-            chain.append(r)
-        while chain and not self._intact(chain[-1]["activations"]):
+        while self._stages.intact(_stats(len(chain)), self._key):
+            chain.append(len(chain))
+        while chain and not self._stages.intact(_act(chain[-1]), self._key):
             chain.pop()
-        if len(chain) < len(layers):
-            log.warning("%s: %d of %d finished layers intact; redoing the rest", self.dir, len(chain), len(layers))
+        if len(chain) < recorded:
+            log.warning("%s: %d of %d finished layers intact; redoing the rest", self.dir, len(chain), recorded)
         return chain
 
-    def _intact(self, entry: dict) -> bool:
-        path = self.dir / entry["file"]
-        if not path.is_file():
-            return False
-        if file_sha256(path) != entry["sha256"]:
-            log.warning("%s: damaged (sha256 differs from %s)", path, PROGRESS_NAME)
-            return False
-        return True
-
-    def _keep_only(self, chain: list[dict]) -> None:
+    def _keep_only(self, chain: list[int]) -> None:
         """Remove what `chain` does not use: later layers, temporary and spilled files of a killed run."""
-        keep = {r["stats"]["file"] for r in chain} | ({chain[-1]["activations"]["file"]} if chain else set())
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.name not in keep:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        keep = {LEDGER_NAME} | {f"{_stats(n)}.safetensors" for n in chain}
+        if chain:
+            keep.add(f"{_act(chain[-1])}.bin")
+        for p in self.dir.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def resume(self, spill_bytes: int) -> tuple[int, Activations] | None:
         """Restore the statistics of the intact layers; -> (the last of them, its output) or None (start over)."""
         if not self._chain:
             return None
-        for r in self._chain:
-            self._collector.restore_state(load_file(self.dir / r["stats"]["file"]))
+        for n in self._chain:
+            self._collector.restore_state(load_file(self.dir / f"{_stats(n)}.safetensors"))
         last = self._chain[-1]
-        act = last["activations"]
-        output = Activations(act["shape"], getattr(torch, act["dtype"]), spill_bytes, file=self.dir / act["file"],
-                             create=False)
+        rec = self._stages.ledger.units[_act(last)]
+        output = Activations(rec["shape"], getattr(torch, rec["dtype"]), spill_bytes,
+                             file=self.dir / f"{_act(last)}.bin", create=False)
         log.info("resumed: %d layers reused from the interrupted run (%s); continuing at layer %d",
-                 len(self._chain), self.dir, last["layer"] + 1)
-        return last["layer"], output
+                 len(self._chain), self.dir, last + 1)
+        return last, output
 
     def spill_file(self, layer: int) -> Path:
-        return self.dir / f"act-{layer:03d}.bin.tmp"
+        return self.dir / f"{_act(layer)}.bin.tmp"
 
     def commit(self, layer: int, output: Activations) -> None:
         """Persist what `layer` added to the statistics and its output, then record both; earlier outputs go."""
-        stats, act = self.dir / f"stats-{layer:03d}.safetensors", self.dir / f"act-{layer:03d}.bin"
-        write_atomic(stats, save(self._collector.take_state()))
-        output.save(act)
-        record = {"layer": layer, "stats": {"file": stats.name, "sha256": file_sha256(stats)},
-                  "activations": {"file": act.name, "sha256": file_sha256(act), "shape": list(output.shape),
-                                  "dtype": str(output.dtype).removeprefix("torch.")}}
-        with open(self.dir / PROGRESS_NAME, "a") as f:
-            f.write(_line(record))
-            f.flush()
-            os.fsync(f.fileno())
+        stats, act = f"{_stats(layer)}.safetensors", f"{_act(layer)}.bin"
+        state = save(self._collector.take_state())
+        try:
+            self._stages.make(_stats(layer), self._key, lambda d: (d / stats).write_bytes(state))
+            self._stages.make(_act(layer), self._key, lambda d: output.save(d / act), layer=layer,
+                              shape=list(output.shape), dtype=str(output.dtype).removeprefix("torch."))
+        except WriteFailed as e:  # the caller says what a failed write of the statistics keeps
+            raise (e.__cause__ if isinstance(e.__cause__, OSError) else e) from None
+        if output.on_disk:
+            output.file = self.dir / act  # moved there with its record; still the same memory-mapped file
         self.kept = True
-        self._drop_outputs_before(act)
+        self._drop_outputs_before(self.dir / act)
 
     def _drop_outputs_before(self, act: Path) -> None:
         """The next layer starts from `act`: earlier outputs are no longer needed (a run killed before this point
         leaves two, and resumes from the older one if the newer is damaged)."""
-        for old in self.dir.glob("act-*.bin"):
-            if old != act:
-                old.unlink()
+        older = [u for u, r in self._stages.ledger.units.items() if u.startswith("act-") and r["outputs"]
+                 and f"{u}.bin" != act.name]
+        self._stages.forget(*older)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _line(record: dict) -> str:
-    return json.dumps(record, separators=(",", ":")) + "\n"
-
-
-def _well_formed(record, layer: int) -> bool:
-    return (isinstance(record, dict) and record.get("layer") == layer
-            and all(isinstance(record.get(k), dict) and {"file", "sha256"} <= record[k].keys()
-                    for k in ("stats", "activations")))

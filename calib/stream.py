@@ -317,3 +317,22 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     x.close()
     res.timings["stream_s"] = time.time() - t_start
     return res
+
+
+def compute_dtype_for(ckpt: Checkpoint, dtype: str) -> torch.dtype:
+    """'auto': float32 (exact statistics) unless the largest layer in float32 would not fit in half the free RAM."""
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise BadInput(f"--dtype {dtype}: use auto, float32 or bfloat16")
+    per_layer: dict = {}
+    for t in ckpt.tensors.values():
+        if t.info.layer is not None:
+            per_layer[t.info.layer] = per_layer.get(t.info.layer, 0) + t.entry.nbytes
+    fp32_bytes = 2 * max(per_layer.values(), default=0)  # BF16 on disk -> F32 in memory
+    try:
+        avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return torch.float32
+    return torch.float32 if fp32_bytes < avail // 2 else torch.bfloat16

@@ -4,7 +4,7 @@ Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the out
 checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF,
 run `llama-quantize` with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's
 type as read back from the written files) -> atomic rename of the folder. Each of those stages is recorded in the
-temporary folder `.<name>.partial` when finished (`convert.stages`), so the same command resumes after a kill.
+temporary folder `.<name>.partial` when finished (`convert.ledger`), so the same command resumes after a kill.
 
 Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
 holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
@@ -35,7 +35,7 @@ from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quant
 from convert.hashing import BackgroundHashes, file_sha256
 from convert.lock import OutputLock
 from convert.provenance import digest, peak_rss_mib, source_files, versions
-from convert.stages import StageProgress
+from convert.ledger import Stages
 from convert.durable import AtomicDir
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
@@ -93,7 +93,7 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
         with OutputLock(out_dir), atomic as tmp:
             # the source shards' sha256 (stepq.json) on a thread, reading alongside the export instead of after it
             hashes = BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)])
-            progress = StageProgress(tmp)
+            progress = Stages(tmp)
             if progress.has_work:
                 log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
             try:
@@ -143,7 +143,7 @@ class _Job:
                 "mtp": self.mtp, "mtp_only": self.mtp_only}
 
 
-def _direct_stages(job: _Job, progress: StageProgress) -> list[Path]:
+def _direct_stages(job: _Job, progress: Stages) -> list[Path]:
     """gguf-py writes the variant itself (BF16, F16, Q8_0, ...): one stage."""
     key = digest({"stage": "gguf", "source": job.source_key(), "qtype": job.qtype, "stem": job.stem,
                   "split": job.split})
@@ -151,7 +151,7 @@ def _direct_stages(job: _Job, progress: StageProgress) -> list[Path]:
                                                              split_max_bytes=job.split, mtp_only=job.mtp_only))
 
 
-def _quantize_stages(job: _Job, progress: StageProgress, timings: dict) -> list[Path]:
+def _quantize_stages(job: _Job, progress: Stages, timings: dict) -> list[Path]:
     """K/IQ types: BF16 intermediate (+ imatrix) -> llama-quantize -> split when too large. Each stage's key holds
     its upstream stages' keys, so a change anywhere redoes exactly what depends on it; the files a later stage
     consumed are removed once it is recorded (disk: the intermediate is as large as the source)."""

@@ -67,8 +67,8 @@ def pull(model: str, revision: str | None = None, cache_dir: str | None = None) 
 
 
 # Why stepq downloads LFS files itself: huggingface_hub 1.33.0 writes each download to a name unique to the process,
-# `blobs/<sha256>.<8 hex>.incomplete` opened "wb" (file_download.py:2003-2006, http_get from byte 0 at :2032), and
-# sends Range only on its in-process retries (:475): a pull killed 4 GB into a 5 GB shard restarts it from byte 0 and
+# `blobs/<sha256>.<8 hex>.incomplete`, opened for writing from byte 0 (its `hf_hub_download` path), and sends Range
+# only on its in-process retries (`http_get`): a pull killed 4 GB into a 5 GB shard restarts it from byte 0 and
 # leaves the 4 GB behind. Here the partial has a fixed name, is opened for append and continued with a Range request.
 def fetch_lfs_blobs(model: str, revision: str | None, cache_dir: str | None) -> None:
     """Every allowed LFS file at the revision whose blob the cache lacks: downloaded, resumably, verified, into
@@ -124,7 +124,7 @@ def remove_orphans(blobs: Path, locks: Path, resuming: set[str]) -> None:
     stale = list(blobs.glob("*.incomplete")) + [p for p in blobs.glob(f"*{PARTIAL}")
                                                 if p.name.removesuffix(PARTIAL) not in resuming]
     for path in stale:
-        # the blob's lock, as huggingface_hub takes it (WeakFileLock(timeout=0) gives up before trying, _fixes.py:95)
+        # the blob's lock, as huggingface_hub takes it (its WeakFileLock with timeout=0 gives up before even trying)
         lock = FileLock(locks / f"{path.name.split('.')[0]}.lock", mode=0o664)
         try:
             with lock.acquire(timeout=0):

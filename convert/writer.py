@@ -6,9 +6,9 @@ with pwrite: no shard or stack is ever held in memory. The folder is built under
 renamed into place only after every file is fsynced.
 
 Resume (`resumable=True`): the temporary folder has a fixed name, `.<name>.partial` (the output lock, not the pid,
-keeps runs apart), and holds `.progress.jsonl`: the plan's identity, then one line per finished unit of work with
-the caller's key for it (a hash of its inputs and settings) and the digest (XXH3-128) of every output tensor it
-wrote. A re-run with the same plan reopens the shard files and skips each unit whose key is unchanged and whose
+keeps runs apart), and holds the job's resume ledger (`convert.ledger`, `.progress.jsonl`): the plan's identity,
+then one line per finished unit of work with the caller's key for it (a hash of its inputs and settings) and the
+digest (XXH3-128) of every output tensor it wrote: the ledger's byte-range specialisation. A re-run with the same plan reopens the shard files and skips each unit whose key is unchanged and whose
 bytes still hash to what was recorded; everything else is written again, in place. Lines are appended without
 fsync: a line that outlived its data (power loss) fails the hash check and its unit is redone.
 """
@@ -30,11 +30,11 @@ import xxhash
 
 from convert.checkpoint import INDEX_NAME
 from convert.durable import AtomicDir, WriteFailed
+from convert.ledger import LEDGER_NAME, Ledger
 from convert.safetensors_io import DTYPE_NAMES
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-PROGRESS_NAME = ".progress.jsonl"
-PROGRESS_VERSION = 2  # 2: region digests are XXH3-128 (1: sha256)
+LEDGER_VERSION = 3  # 3: the common ledger header; 2: region digests are XXH3-128 (1: sha256)
 HASH_CHUNK = 64 << 20
 log = logging.getLogger("stepq.writer")
 
@@ -78,7 +78,7 @@ class ArtifactWriter:
     def __init__(self, final_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, force: bool = False,
                  resumable: bool = False):
         self._dir = AtomicDir(final_dir, force, resumable)
-        self._dir.scratch.append(PROGRESS_NAME)
+        self._dir.scratch.append(LEDGER_NAME)
         self.final, self.tmp = self._dir.final, self._dir.tmp
         self.max_shard_bytes = max_shard_bytes
         self._specs: list[OutSpec] = []
@@ -88,9 +88,7 @@ class ArtifactWriter:
         self._where: dict[str, tuple[int, int, OutSpec]] = {}
         self._written: dict[str, int] = {}
         self._streamed: dict[str, list] = {}  # name -> [digest of its bytes written front to back, bytes covered]
-        self._progress_fd: int | None = None
-        self._committed: dict[str, dict] = {}  # unit -> its record, from an earlier run
-        self._memos: dict[tuple[str, str], object] = {}
+        self._ledger: Ledger | None = None  # resumable writers: the finished units, this run's and an earlier one's
         self.reused_units = 0
 
     def __enter__(self) -> ArtifactWriter:
@@ -112,9 +110,11 @@ class ArtifactWriter:
         self._dir.__exit__(exc_type, exc, tb)
 
     def _abort(self) -> None:
-        for fd in self._fds + ([self._progress_fd] if self._progress_fd is not None else []):
+        for fd in self._fds:
             os.close(fd)
-        self._fds, self._progress_fd = [], None
+        self._fds = []
+        if self._ledger is not None:
+            self._ledger.close()
 
     def _write_failed(self, e: OSError, where: Path | str) -> WriteFailed:
         kept = (f"finished work kept in {self.tmp}: re-run the same command to resume, --force to start over"
@@ -132,9 +132,12 @@ class ArtifactWriter:
         shards = _shard_layout(specs, self.max_shard_bytes)
         self._shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         plan_id = hashlib.sha256(b"".join(head for head, _ in shards)).hexdigest()
+        if self._dir.resumable:
+            self._ledger = Ledger(self.tmp / LEDGER_NAME, {"stepq_ledger": "safetensors", "version": LEDGER_VERSION,
+                                                           "plan": plan_id, "shards": self._shard_names}, sync=False)
         try:
-            if not (self._dir.resuming and self._reopen(shards, plan_id)):
-                self._create(shards, plan_id)
+            if not (self._dir.resuming and self._reopen(shards)):
+                self._create(shards)
         except OSError as e:
             self._abort()
             raise self._write_failed(e, self.tmp) from e
@@ -145,7 +148,7 @@ class ArtifactWriter:
         self._specs = list(specs)
         self._weight_map = {s.name: n for n, (_, layout) in zip(self._shard_names, shards) for s, _ in layout}
 
-    def _create(self, shards, plan_id: str) -> None:
+    def _create(self, shards) -> None:
         if self._dir.resuming:
             log.info("%s: earlier partial output is for another plan (or unusable); starting over", self.tmp)
             for p in self.tmp.iterdir():
@@ -160,14 +163,12 @@ class ArtifactWriter:
             except OSError as e:
                 e.filename = e.filename or str(self.tmp / shard_name)
                 raise
-        if self._dir.resumable:
-            self._progress_fd = os.open(self.tmp / PROGRESS_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                                        0o644)
-            self._append({"stepq_progress": PROGRESS_VERSION, "plan": plan_id, "shards": self._shard_names})
+        if self._ledger is not None:
+            self._ledger.resumed = False  # whatever an earlier run recorded is for other shard files
+            self._ledger.start()
 
-    def _reopen(self, shards, plan_id: str) -> bool:
-        records = read_progress(self.tmp / PROGRESS_NAME)
-        if not records or records[0].get("plan") != plan_id or records[0].get("stepq_progress") != PROGRESS_VERSION:
+    def _reopen(self, shards) -> bool:
+        if not self._ledger.resumed:  # another plan, or an older ledger
             return False
         fds, intact = [], False
         try:
@@ -186,16 +187,11 @@ class ArtifactWriter:
                     os.close(fd)
         self._fds = fds
         for p in self.tmp.iterdir():  # config, tokenizer, provenance of the earlier run: rewritten at the end
-            if p.name not in self._shard_names and p.name != PROGRESS_NAME:
+            if p.name not in self._shard_names and p.name != LEDGER_NAME:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        for r in records[1:]:
-            if "unit" in r:
-                self._committed[r["unit"]] = r
-            elif "memo" in r:
-                self._memos[(r["memo"], r["key"])] = r["value"]
-        self._progress_fd = os.open(self.tmp / PROGRESS_NAME, os.O_WRONLY | os.O_APPEND)
-        self._dir.keep_on_error = bool(self._committed)
-        log.info("%s: resuming (%d finished units recorded)", self.tmp, len(self._committed))
+        self._ledger.start()
+        self._dir.keep_on_error = self._ledger.has_work
+        log.info("%s: resuming (%d finished units recorded)", self.tmp, len(self._ledger.units))
         return True
 
     # -- streaming --------------------------------------------------------------------------------------
@@ -241,9 +237,6 @@ class ArtifactWriter:
         h[1] += len(data)
 
     # -- progress (resumable writers) ----------------------------------------------------------------------
-    def _append(self, record: dict) -> None:
-        os.write(self._progress_fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
-
     def _region_digest(self, name: str, written: bool = False) -> str:
         """Digest of a tensor's bytes in its shard; `written`: of the bytes this run wrote, from the streamed digest
         when it covers them all."""
@@ -259,7 +252,7 @@ class ArtifactWriter:
     def reuse(self, unit: str, key: str, outputs: list[str]) -> bool:
         """True when an earlier run finished `unit` with the same `key` (inputs + settings) and the bytes of its
         `outputs` still hash to what it recorded; they then count as written."""
-        rec = self._committed.get(unit)
+        rec = self._ledger.units.get(unit) if self._ledger is not None else None
         if rec is None:
             return False
         if rec["key"] != key or sorted(rec["outputs"]) != sorted(outputs):
@@ -277,26 +270,22 @@ class ArtifactWriter:
 
     def commit(self, unit: str, key: str, outputs: list[str]) -> None:
         """Record `unit` as finished: from here on an interrupted run keeps its temporary folder to resume."""
-        if self._progress_fd is None:
+        if self._ledger is None:
             return
         try:
             digests = {n: self._region_digest(n, written=True) for n in outputs}
-            self._append({"unit": unit, "key": key, "outputs": digests})
+            self._ledger.record(unit, key, digests)
         except OSError as e:
-            raise self._write_failed(e, self.tmp / PROGRESS_NAME) from e
+            raise self._write_failed(e, self.tmp / LEDGER_NAME) from e
         self._dir.keep_on_error = True
 
     def memoized(self, kind: str, key: str) -> bool:
-        return (kind, key) in self._memos
+        return self._ledger is not None and (kind, key) in self._ledger.memos
 
     def memo(self, kind: str, key: str, compute):
         """`compute()`, remembered in the progress file under (kind, key): for slow derived facts (e.g. the sha256
         of a 5 GB source shard) that a resumed run should not recompute."""
-        if (kind, key) not in self._memos:
-            self._memos[(kind, key)] = compute()
-            if self._progress_fd is not None:
-                self._append({"memo": kind, "key": key, "value": self._memos[(kind, key)]})
-        return self._memos[(kind, key)]
+        return compute() if self._ledger is None else self._ledger.memo(kind, key, compute)
 
     # -- the rest of the folder ---------------------------------------------------------------------------
     def _close_shards(self) -> None:
@@ -304,9 +293,8 @@ class ArtifactWriter:
             os.fsync(fd)
             os.close(fd)
         self._fds = []
-        if self._progress_fd is not None:
-            os.close(self._progress_fd)
-            self._progress_fd = None
+        if self._ledger is not None:
+            self._ledger.close()
 
     def write_json(self, rel: str, obj) -> None:
         try:
@@ -334,24 +322,6 @@ class ArtifactWriter:
 
 
 def _region_hash():
-    # Resume records only need to notice damaged or half-written bytes, not resist forgery: XXH3-128 runs at ~5 GB/s
-    # here against ~1 GB/s for sha256, which cost ~20% of a conversion's CPU on this 2-core machine.
+    # Resume records only need to notice damaged or half-written bytes, not resist forgery: XXH3-128 runs ~5x faster
+    # than sha256, whose read-back at commit cost ~20% of a conversion's CPU (bench/convert_real.py).
     return xxhash.xxh3_128()
-
-
-def read_progress(path: Path) -> list[dict]:
-    """The JSON-object lines of a progress file (missing or unreadable: none); a line cut short by a crash (only the
-    last can be) is dropped."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict):
-            records.append(r)
-    return records

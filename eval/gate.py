@@ -185,7 +185,11 @@ def _metric_items(report: dict, report_path: str, rule: Rule) -> list[_Item]:
         if rule.limit is None:  # only the items the policy names are judged
             items = [i for i in items if i.key in rule.per]
     for i in items:
-        if i.why is None and (isinstance(i.value, bool) or not isinstance(i.value, (int, float))):
+        if i.why is not None:
+            continue
+        if rule.kind.check and not isinstance(i.value, bool):
+            raise BadInput(f"{report_path}: {i.label} is {i.value!r}, not true or false")
+        if not rule.kind.check and (isinstance(i.value, bool) or not isinstance(i.value, (int, float))):
             raise BadInput(f"{report_path}: {i.label} is {i.value!r}, not a number")
     return items
 
@@ -222,6 +226,12 @@ def _judge_value(rule: Rule, item: _Item, limit: float) -> RuleResult:
     return RuleResult(rule.name, item.label, status, line, value=v, limit=limit)
 
 
+def _judge_check(rule: Rule, item: _Item) -> RuleResult:
+    status, prefix, suffix = _verdict(rule, item.value is True)
+    line = f"{prefix} {item.label} = {str(item.value).lower()} {suffix}"
+    return RuleResult(rule.name, item.label, status, line, value=float(item.value), limit=rule.limit)
+
+
 def _judge_change(rule: Rule, item: _Item, base: float, limit: float) -> RuleResult:
     v = float(item.value)
     if rule.kind.against == "growth":
@@ -239,6 +249,10 @@ def _judge_change(rule: Rule, item: _Item, base: float, limit: float) -> RuleRes
 def judge(rule: Rule, report: dict, report_path: str, baseline: dict | None,
           baseline_path: str = "") -> list[RuleResult]:
     """One result per report item the rule covers."""
+    fmt = (report.get("artifact") or {}).get("format")
+    if rule.kind.formats and fmt is not None and fmt not in rule.kind.formats:  # unknown format: the rule applies
+        why = f"applies to {', '.join(rule.kind.formats)} artifacts, this one is {fmt}"
+        return [RuleResult(rule.name, rule.kind.metric, "skipped", f"SKIP {rule.name}: {why}", why=why)]
     if rule.kind.against != "value" and baseline is None:
         why = "no baseline report (--baseline)"
         return [RuleResult(rule.name, rule.kind.metric, "skipped", f"SKIP {rule.name}: {why}", why=why)]
@@ -250,6 +264,8 @@ def judge(rule: Rule, report: dict, report_path: str, baseline: dict | None,
         limit = rule.limit_for(item.key)
         if item.why is not None:
             out.append(_not_measured(rule, item))
+        elif rule.kind.check:
+            out.append(_judge_check(rule, item))
         elif rule.kind.against == "value":
             out.append(_judge_value(rule, item, limit))
         else:

@@ -7,7 +7,7 @@ PPL / MTP acceptance -> weight error -> lm-eval tasks -> speed and engine checks
 
 Resume: the expensive parts (the artifact's outputs, weight error, engine check, llama.cpp runs, tasks) are kept as
 they finish in the eval's partial folder, keyed by the artifact's files, the source, the tokens, the settings they
-depend on and the code's versions (`convert.stages`); a killed eval re-run skips them.
+depend on and the code's versions (`convert.ledger`); a killed eval re-run skips them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from convert.gguf_export import read_gguf
 from convert.hashing import file_sha256
 from convert.durable import replace_durably
 from convert.provenance import digest, versions
-from convert.stages import TEMP_MARK, StageProgress
+from convert.ledger import TEMP_MARK, Stages
 from eval import forward
 from eval.metrics import mtp_acceptance, token_stats
 from eval.schema import REPORT_DIR, SCHEMA, not_measured
@@ -131,7 +131,7 @@ class _Stages:
     own settings. Finished or reused, a stage's result is read back from its files, so both give the same report."""
 
     def __init__(self, folder: Path, base: dict):
-        self.progress, self.base = StageProgress(folder), base
+        self.progress, self.base = Stages(folder), base
 
     def run(self, stage: str, settings: dict, compute) -> tuple[dict[str, torch.Tensor], object]:
         """`compute()` -> (tensors, JSON-able data), or what an earlier run stored under the same key."""

@@ -5,6 +5,7 @@
       default:                                   # every variant; a matching section overrides it rule by rule
         max_kld_mean: 0.01                       # a bare number: hard and required
         min_speed_ratio: {limit: 0.8, severity: warn, required: false}
+        require_vllm_load: true                  # a check: true requires it, false drops it
         min_task_recovery: {limit: 0.95, per: {gsm8k: 0.97}}
       "FP8-*":                                   # fnmatch glob on the report's artifact.variant
         max_kld_mean: 0.002
@@ -40,12 +41,16 @@ class RuleKind:
 
     `metric` is a dotted path into report.json; `*` expands a dict (tasks, speed ratios) and `name[field]` a list of
     objects keyed by `field` (MTP depths). `against`: "value" compares the metric with the limit; "growth" is the
-    relative increase over the baseline report, "drop" the absolute decrease from it."""
+    relative increase over the baseline report, "drop" the absolute decrease from it. `check`: the metric is a
+    pass/fail boolean (the policy says `true` to require it). `formats`: the artifact formats the rule applies to
+    (others skip it; empty: all)."""
 
     metric: str
     bound: str  # "max" | "min": the limit is an upper / lower bound
     against: str = "value"
     severity: str = "hard"
+    check: bool = False
+    formats: tuple[str, ...] = ()
 
     @property
     def expands(self) -> bool:
@@ -60,6 +65,8 @@ RULES: dict[str, RuleKind] = {
     "min_mtp_ratio": RuleKind("accuracy.mtp[depth].ratio", "min"),
     "min_task_recovery": RuleKind("tasks.*.recovery", "min"),
     "min_speed_ratio": RuleKind("speed.ratios.*", "min", severity="warn"),
+    # vLLM's own loader built the model and its MTP drafter from the files (`stepq verify --engine vllm`)
+    "require_vllm_load": RuleKind("engines.vllm_load.ok", "min", check=True, formats=("safetensors",)),
     # regression against the last release's report
     "max_kld_mean_growth": RuleKind("accuracy.kld.mean", "max", "growth"),
     "max_kld_p99_growth": RuleKind("accuracy.kld.p99", "max", "growth"),
@@ -149,6 +156,8 @@ def _parse_rule(path: Path, where: str, name: str, spec) -> Rule | None:
     if spec is None:
         return None
     kind, where = RULES[name], f"{where}.{name}"
+    if kind.check:
+        return _parse_check(path, where, name, kind, spec)
     if not isinstance(spec, dict):
         return Rule(name, _number(path, where, spec), kind.severity)
     for key in spec:
@@ -171,6 +180,22 @@ def _parse_rule(path: Path, where: str, name: str, spec) -> Rule | None:
         raise BadInput(f"{path}: {where}: needs `limit` (or `per`)")
     limit = None if limit is None else _number(path, f"{where}.limit", limit)
     return Rule(name, limit, severity, required, per)
+
+
+def _parse_check(path: Path, where: str, name: str, kind: RuleKind, spec) -> Rule | None:
+    """A check rule: `true` (required, hard), `false` (dropped), or a mapping with `limit: true` and the usual keys."""
+    opts = spec if isinstance(spec, dict) else {"limit": spec}
+    for key in opts:
+        if key not in ("limit", "severity", "required"):
+            raise BadInput(f"{path}: {where}: unknown key {key!r} (known: limit, severity, required)")
+    if not isinstance(opts.get("limit"), bool):
+        raise BadInput(f"{path}: {where}: expected true or false, got {opts.get('limit')!r}")
+    severity, required = opts.get("severity", kind.severity), opts.get("required", True)
+    if severity not in SEVERITIES:
+        raise BadInput(f"{path}: {where}.severity: {severity!r} is not one of {', '.join(SEVERITIES)}")
+    if not isinstance(required, bool):
+        raise BadInput(f"{path}: {where}.required: expected true or false, got {required!r}")
+    return Rule(name, 1.0, severity, required) if opts["limit"] else None
 
 
 def load_policy(path: str | Path) -> Policy:

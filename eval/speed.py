@@ -87,10 +87,10 @@ def vllm_available() -> bool:
 
 def vllm_speed(model: str | Path | None = None, input_len: int = 1024, output_len: int = 128, num_prompts: int = 200,
                max_concurrency: int = 16, port: int = 8765, ready_timeout: float = 1800) -> dict:
-    """`vllm bench serve` against `vllm serve MODEL` on this machine -> the benchmark's result JSON (output_throughput,
+    """`vllm bench serve` against `vllm serve MODEL` on the local GPU -> the benchmark's result JSON (output_throughput,
     TTFT/TPOT/ITL percentiles, ...), or `{"not_measured": ...}` without a GPU or without vLLM in this environment.
 
-    The GPU path is minimal and has never run on the CPU-only machines this project is developed on: one server
+    The GPU path is minimal and has not run on a GPU yet (not measured anywhere): one server
     on 127.0.0.1, random prompts of input_len tokens, output_len tokens each with EOS ignored, then the server is
     stopped. Check it on the first GPU machine before relying on its figures.
     """

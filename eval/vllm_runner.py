@@ -54,7 +54,7 @@ FALLBACKS_USED: dict[str, int] = {}  # override note -> how many layers took the
 
 
 def _with_fallback(selector, fallback, note: str, caught=(ValueError, NotImplementedError)):
-    """`selector` as vLLM wrote it; `fallback(*args, **kwargs)` only where it finds no kernel on this CPU."""
+    """`selector` as vLLM wrote it; `fallback(*args, **kwargs)` only where it finds no kernel for the CPU it runs on."""
 
     def select(*args, **kwargs):
         try:
@@ -76,7 +76,7 @@ def _patch(modules: list[str], name: str, replacement) -> None:
 
 def install_cpu_overrides() -> list[str]:
     """Let vLLM build quantized layers on a CPU-only machine. Parameter creation and weight loading stay vLLM's
-    own: only which kernel class a layer is given (and only where vLLM finds none on this CPU), and the
+    own: only which kernel class a layer is given (and only where vLLM finds none for the CPU), and the
     repacking after loading, are changed. Returns one line per override, for the report."""
     import vllm.model_executor.kernels.linear as kl
     import vllm.model_executor.layers.fused_moe.oracle.nvfp4 as nvfp4_oracle

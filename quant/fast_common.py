@@ -2,7 +2,7 @@
 
 Why numba and not vectorized torch: the reference functions in quant/fp8.py and quant/nvfp4.py (and
 compressed-tensors' own quantize + pack, which they reproduce) run a dozen full-tensor torch ops, each reading and
-writing a float32 temporary of the whole matrix; on this 2-core CPU that is ~15-60 Mparam/s (measured in
+writing a float32 temporary of the whole matrix: memory-bound at ~15-60 Mparam/s per 2 cores (measured in
 bench/convert_real.py), well below disk speed. A fused kernel reads each bf16 element once, keeps a 16-group or a
 128-row band in cache, and writes only the packed output.
 

@@ -9,26 +9,21 @@ checkpoints.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import logging
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 import stepq
-from calib.data import CalibData, load_calibration, resolve_settings
+from calib.data import load_calibration, resolve_settings
 from calib.stats import FORMAT_VERSION, CalibStats, StatsCollector, model_fingerprint, save_stats
 from convert.checkpoint import open_checkpoint
 from convert.config import model_name
 from convert.errors import BadInput, WriteFailed
 from convert.lock import OutputLock
+from convert.provenance import peak_rss_mib, versions
 
 if TYPE_CHECKING:
     from calib.resume import LayerCheckpoints
@@ -39,25 +34,6 @@ STATS_NAME = "stats.safetensors"
 
 def stats_path(model_dir: str | Path, out_root: str | Path = "out") -> Path:
     return Path(out_root) / f"{model_name(model_dir)}-calib" / STATS_NAME
-
-
-def _dtype(ckpt, dtype: str) -> torch.dtype:
-    """'auto': float32 (exact statistics) unless the largest layer in float32 would not fit in half the free RAM."""
-    if dtype != "auto":
-        try:
-            return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise BadInput(f"--dtype {dtype}: use auto, float32 or bfloat16")
-    per_layer: dict = {}
-    for t in ckpt.tensors.values():
-        if t.info.layer is not None:
-            per_layer[t.info.layer] = per_layer.get(t.info.layer, 0) + t.entry.nbytes
-    fp32_bytes = 2 * max(per_layer.values(), default=0)  # BF16 on disk -> F32 in memory
-    try:
-        avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return torch.float32
-    return torch.float32 if fp32_bytes < avail // 2 else torch.bfloat16
 
 
 def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str | Path = "out", n: int | None = None,
@@ -124,29 +100,10 @@ def _failed(e: BaseException, out: Path, checkpoints: LayerCheckpoints, created:
     return e
 
 
-def _versions() -> dict:
-    return {"stepq": stepq.__version__, "torch": torch.__version__,
-            "transformers": importlib.metadata.version("transformers")}
-
-
-def _run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: torch.dtype, spill_bytes: int,
-            micro_batch_tokens: int) -> str:
-    """sha256 of everything the statistics file depends on (but where the model lives and the run's timings): a
-    run continues an interrupted one only under the same key."""
-    inputs = {
-        "source": {k: source[k] for k in ("config_sha256", "shards")}, "dataset": data.dataset,
-        "token_ids_sha256": hashlib.sha256(data.ids.numpy().tobytes()).hexdigest(),
-        "tokens_drawn_from": data.tokens_drawn_from, "n": data.n, "seq_len": data.seq_len, "seed": data.seed,
-        "all_experts": all_experts, "compute_dtype": str(compute_dtype), "format_version": FORMAT_VERSION,
-        # micro-batches set how squares are summed; the spill size shows in the metadata
-        "micro_batch_tokens": micro_batch_tokens, "spill_bytes": spill_bytes, "versions": _versions(),
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
 def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, dataset, n, seq_len, seed, all_experts,
                force, dtype, spill_bytes, micro_batch_tokens, progress) -> Path:
-    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, stream_forward  # see calibrate()
+    from calib.resume import run_key
+    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, compute_dtype_for, stream_forward  # see calibrate()
 
     t0 = time.time()
     dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
@@ -155,11 +112,11 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
     ckpt = open_checkpoint(model_dir)
     try:
         source = model_fingerprint(model_dir)
-        compute_dtype = _dtype(ckpt, dtype)
+        compute_dtype = compute_dtype_for(ckpt, dtype)
         data = load_calibration(model_dir, dataset, n, seq_len, seed)
         t_data = time.time()
         collector = StatsCollector(ckpt.config, all_experts=all_experts)
-        checkpoints.open(_run_key(source, data, all_experts, compute_dtype, spill_bytes, micro_batch_tokens),
+        checkpoints.open(run_key(source, data, all_experts, compute_dtype, spill_bytes, micro_batch_tokens),
                          collector, force)
         # Spilled activations go to the checkpoint folder beside the output, not to /tmp (often RAM-backed tmpfs).
         res = stream_forward(ckpt, data.ids, collector, dtype=compute_dtype, spill_bytes=spill_bytes,
@@ -178,11 +135,11 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         **summary,
         "stepq_version": stepq.__version__,
-        "versions": {k: v for k, v in _versions().items() if k != "stepq"},
+        "versions": versions("torch", "transformers"),
         "activations_on_disk": res.spilled,
         "timings": {"data_s": round(t_data - t0, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                     "total_s": round(time.time() - t0, 3)},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
     save_stats(out, tensors, meta)
     checkpoints.remove()  # the statistics are in place

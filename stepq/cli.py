@@ -12,7 +12,7 @@ from convert.errors import BadInput
 def _cmd_inspect(args) -> int:
     from convert.checkpoint import open_checkpoint
     from convert.hub import resolve_model
-    from stepq.inspect import render, summarize
+    from convert.summary import render, summarize
 
     ckpt = open_checkpoint(resolve_model(args.model, args.revision))
     try:

@@ -21,7 +21,7 @@ from convert.checkpoint import open_checkpoint
 from convert.durable import fsync_path, swap_in
 from convert.errors import BadInput, WriteFailed
 from convert.lock import OutputLock
-from convert.stages import TEMP_MARK
+from convert.ledger import TEMP_MARK
 from eval.measure import artifact_stats, artifact_files, check_gguf_files, measure
 from eval.report import write_report
 from eval.schema import REPORT_DIR

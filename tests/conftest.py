@@ -1,11 +1,14 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
+from convert.gguf_tools import llama_cpp_dir
 
+REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 
 
@@ -27,8 +30,18 @@ def bundled_fixture() -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x on a busy 2-core box)."""
+    """Tiny matrices: OpenMP hand-offs between threads cost more than the math (20x when the cores are busy)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """The llama.cpp tools and Python binding, built (or reused from the cache) through `make llama-cpp`: never
+    skipped, a failed build fails the tests that need it."""
+    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
+    return llama_cpp_dir()

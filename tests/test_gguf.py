@@ -33,7 +33,7 @@ from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_check
 from convert.gguf_export import add_model_metadata, llama3_rope_factors, write_gguf
 from convert.gguf_kld import perplexity
 from convert.gguf_recipe import fallback_type, recipe_for
-from convert.gguf_tools import llama_cpp_dir, reference_converter_cmd, tool
+from convert.gguf_tools import reference_converter_cmd, tool
 from convert.gguf_job import export_gguf, read_tensor_types
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,15 +42,6 @@ N_CTX, N_CHUNK = 128, 4  # 4 chunks of 128 tokens: 252 scored positions
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def llama_cpp() -> Path:
-    """The llama.cpp tools, built (or reused from the cache) through `make llama-cpp`; a failed build fails."""
-    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=REPO, capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return llama_cpp_dir()
-
 
 @pytest.fixture(scope="session")
 def tiny() -> Path:

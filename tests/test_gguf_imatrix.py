@@ -28,7 +28,7 @@ from convert.fixtures import BUNDLED_FIXTURE
 from convert.gguf_export import write_gguf
 from convert.gguf_imatrix import imatrix_entries, write_imatrix
 from convert.gguf_kld import kld, kld_base, llama_imatrix, perplexity, quantize, threads
-from convert.gguf_tools import llama_cpp_dir, run, tool
+from convert.gguf_tools import run, tool
 from stepq.calibrate import calibrate
 from convert.gguf_job import export_gguf, read_tensor_types
 
@@ -39,14 +39,6 @@ KLD_CTX, KLD_CHUNKS = 256, 8  # KLD on 8 x 256 tokens of eval.txt
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def llama_cpp() -> Path:
-    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=REPO, capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return llama_cpp_dir()
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert.fixtures import fixture_config, write_random_checkpoint
-from convert.writer import PROGRESS_NAME, ArtifactWriter
+from convert.ledger import LEDGER_NAME
+from convert.writer import ArtifactWriter
 from stepq.cli import main
 from stepq.quantize import quantize
 
@@ -35,6 +36,7 @@ KILLS = 20
 SCHEMES = ("fp8-block-all", "nvfp4a16")  # 3-D expert stacks written row by row / one tensor set per expert
 
 
+@pytest.mark.soak
 def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, bundled_fixture):
     refs = {}
     for scheme in SCHEMES:
@@ -98,7 +100,7 @@ def _interrupted(model: Path, out: Path, monkeypatch, k: int, *extra: str) -> Pa
         main(["quantize", str(model), "--scheme", "fp8-block", "--out", str(out), *extra])
     monkeypatch.undo()
     partial = out / ".rand-step35-FP8-BLOCK.partial"
-    assert not (out / "rand-step35-FP8-BLOCK").exists() and (partial / PROGRESS_NAME).is_file()
+    assert not (out / "rand-step35-FP8-BLOCK").exists() and (partial / LEDGER_NAME).is_file()
     assert not (out / ".rand-step35-FP8-BLOCK.lock").exists()  # released on the way out
     return partial
 
@@ -198,7 +200,7 @@ def test_force_starts_over(model, tmp_path, monkeypatch, caplog):
 def test_damaged_partial_data_and_a_torn_progress_line_are_redone(model, tmp_path, monkeypatch, caplog):
     reference = soak.artifact_digest(_quantize(model, tmp_path / "ref"))
     partial = _interrupted(model, tmp_path / "out", monkeypatch, 30)
-    records = [json.loads(line) for line in (partial / PROGRESS_NAME).read_text().splitlines()]
+    records = [json.loads(line) for line in (partial / LEDGER_NAME).read_text().splitlines()]
     victim = records[5]  # a finished unit: overwrite the middle of its first output in the shard file
     out_name = next(iter(victim["outputs"]))
     shard = partial / "model-00001-of-00001.safetensors"
@@ -207,7 +209,7 @@ def test_damaged_partial_data_and_a_torn_progress_line_are_redone(model, tmp_pat
     with open(shard, "r+b") as f:
         f.seek(8 + header_len + (start + end) // 2)
         f.write(b"\x55\x66\x77")
-    with open(partial / PROGRESS_NAME, "a") as f:
+    with open(partial / LEDGER_NAME, "a") as f:
         f.write('{"unit": "model.layers.9.cut-off-by-the-cra')  # the kill came mid-line
     caplog.set_level(logging.INFO)
     final = _quantize(model, tmp_path / "out")

@@ -21,6 +21,7 @@ import pytest
 
 import calib.resume as resume
 from convert.fixtures import BUNDLED_FIXTURE, fixture_config
+from convert.ledger import LEDGER_NAME
 from stepq.calibrate import calibrate
 from stepq.cli import main
 
@@ -62,7 +63,7 @@ def _interrupted(out: Path, monkeypatch, k: int, **settings) -> Path:
         _calibrate(out, **settings)
     monkeypatch.undo()
     partial = out / CALIB / ".stats.safetensors.partial"
-    assert not (out / CALIB / "stats.safetensors").exists() and (partial / "progress.jsonl").is_file()
+    assert not (out / CALIB / "stats.safetensors").exists() and (partial / LEDGER_NAME).is_file()
     assert not (out / f".{CALIB}.lock").exists()  # released on the way out
     return partial
 
@@ -200,8 +201,8 @@ def test_a_damaged_last_layer_is_redone_from_the_one_before(tmp_path, monkeypatc
 
 def test_a_torn_progress_line_is_dropped(tmp_path, monkeypatch, caplog, reference):
     partial = _interrupted(tmp_path, monkeypatch, 4)
-    with open(partial / "progress.jsonl", "a") as f:
-        f.write('{"layer":4,"stats":{"file":"stats-004.safet')  # the kill came mid-line
+    with open(partial / LEDGER_NAME, "a") as f:
+        f.write('{"unit":"stats-004","key":"0a1b2c')  # the kill came mid-line
     caplog.set_level(logging.INFO)
     stats = _calibrate(tmp_path)
     assert _reused(caplog) == [4] and soak.stats_digest(stats) == reference()
@@ -224,10 +225,11 @@ def test_a_failed_write_keeps_finished_layers_and_says_so(tmp_path, monkeypatch,
     assert line == (f"stepq: error: {tmp_path / CALIB / 'stats.safetensors'}: cannot write the statistics file (No "
                     f"space left on device: {partial / 'stats-002.safetensors.tmp'}); finished layers kept in "
                     f"{partial}: re-run the same command to resume, --force to start over")
-    assert sorted(p.name for p in partial.iterdir()) == ["act-001.bin", "progress.jsonl", "stats-000.safetensors",
+    assert sorted(p.name for p in partial.iterdir()) == [LEDGER_NAME, "act-001.bin", "stats-000.safetensors",
                                                          "stats-001.safetensors"]
 
 
+@pytest.mark.soak
 def test_sigkill_at_random_points_then_resume_is_identical(tmp_path, bundled_fixture):
     figures = soak.Figures()
     soak.calibrate_soak(bundled_fixture, KILLS, random.Random(20261124), tmp_path, figures,

@@ -22,7 +22,7 @@ import pytest
 
 import eval.measure as measure
 import stepq.evaluate as evaluate
-from convert.writer import PROGRESS_NAME
+from convert.ledger import LEDGER_NAME
 from stepq.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_a_crashed_eval_resumes_from_its_finished_stages(reference, artifact, ar
                                                           monkeypatch, caplog):
     _crashed(_eval(artifact, bundled_fixture, "--tasks", ""), monkeypatch, "weight_error")
     partial = _partial(artifact)
-    assert (partial / PROGRESS_NAME).is_file() and (partial / "forward.safetensors").is_file()
+    assert (partial / LEDGER_NAME).is_file() and (partial / "forward.safetensors").is_file()
     assert not (artifact / "eval").exists() and not (artifact.parent / f".{NAME}-eval.lock").exists()
     assert sorted(p.name for p in artifact.iterdir()) == sorted(p.name for p in artifact_template.iterdir())
     caplog.set_level(logging.INFO)
@@ -149,11 +149,12 @@ def test_an_unreadable_reference_cache_is_computed_again(reference, artifact, bu
     assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary file left
 
 
+@pytest.mark.soak
 def test_sigkill_at_random_points_then_resume(reference, artifact, bundled_fixture):
     """Real `stepq eval` processes killed after a random number of finished stages (or just before publishing);
     the report folder is never seen incomplete, and the finishing run gives the uninterrupted report."""
     cmd = [*soak.STEPQ, *_eval(artifact, bundled_fixture, "--tasks", "")]
-    progress = _partial(artifact) / PROGRESS_NAME
+    progress = _partial(artifact) / LEDGER_NAME
     watcher = soak.FinalWatcher(artifact / "eval")
     watcher.start()
     rng, kills, resumed, log = random.Random(20261125), 0, 0, artifact.parent / "run.err"

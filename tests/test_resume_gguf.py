@@ -24,8 +24,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from convert.stages import StageProgress
-from convert.writer import PROGRESS_NAME
+from convert.ledger import LEDGER_NAME, Stages
 from stepq.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,14 +34,6 @@ _spec.loader.exec_module(soak)
 
 KILLS = 6
 NAME = "tiny-step35-GGUF-Q4_K_M"
-
-
-@pytest.fixture(scope="module")
-def llama_cpp() -> None:
-    """The llama.cpp tools, built (or reused from the cache) through `make llama-cpp`; a failed build fails."""
-    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
 
 
 def _gguf(model: Path, out: Path, *extra: str, qtype: str = "Q4_K_M") -> list[str]:
@@ -57,6 +48,7 @@ def reference(llama_cpp, bundled_fixture, tmp_path_factory) -> dict[str, str]:
     return soak.artifact_digest(out / NAME)
 
 
+@pytest.mark.soak
 def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, bundled_fixture, tmp_path):
     t0 = time.time()
     cmd = [*soak.STEPQ, *_gguf(bundled_fixture, tmp_path / "timed")]
@@ -114,7 +106,7 @@ class Crash(Exception):
 
 
 def _crash_after(monkeypatch, k: int) -> None:
-    real, done = StageProgress.make, []
+    real, done = Stages.make, []
 
     def make(self, *args):
         files = real(self, *args)
@@ -122,7 +114,7 @@ def _crash_after(monkeypatch, k: int) -> None:
         if len(done) == k:
             raise Crash(f"after {done}")
         return files
-    monkeypatch.setattr(StageProgress, "make", make)
+    monkeypatch.setattr(Stages, "make", make)
 
 
 def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NAME) -> Path:
@@ -131,7 +123,7 @@ def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NA
         main(argv)
     monkeypatch.undo()
     partial = out / f".{name}.partial"
-    assert not (out / name).exists() and (partial / PROGRESS_NAME).is_file()
+    assert not (out / name).exists() and (partial / LEDGER_NAME).is_file()
     assert not (out / f".{name}.lock").exists()  # released on the way out
     return partial
 

@@ -25,7 +25,9 @@ GOOD = {
 def write_report(artifact: Path, variant: str, changes: dict | None = None, text_sha: str = "t" * 64) -> dict:
     """eval/report.json as `stepq eval` writes it (schema stepq.eval/1, files hashed), GOOD with `changes`
     ({dotted path: value}) applied."""
-    report = {"schema": "stepq.eval/1", "artifact": {"name": artifact.name, "variant": variant},
+    report = {"schema": "stepq.eval/1",
+              "artifact": {"name": artifact.name, "variant": variant,
+                           "format": "gguf" if variant.startswith("GGUF") else "safetensors"},
               "files": {f: h for f, h in artifact_files(artifact).items() if not f.startswith("eval/")},
               "source": {"model": "fixtures/tiny-step35"},
               "text": {"source": "eval.txt", "sha256": text_sha, "sequences": 16, "seq_len": 256, "tokens": 4096},

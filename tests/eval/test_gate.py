@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from convert.errors import BadInput
 from eval.gate import gate
 from eval.policy import FIXTURE_POLICY, MODEL_POLICY, load_policy
 from stepq.cli import main
@@ -42,6 +43,33 @@ def test_correct_artifact_passes_and_gate_json_records_everything(synthetic, cap
     stepq_json = art / "stepq.json"
     assert record["files"]["stepq.json"] == hashlib.sha256(stepq_json.read_bytes()).hexdigest()
     assert not [p for p in (art / "eval").iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+@pytest.mark.parametrize("policy", [FIXTURE_POLICY, MODEL_POLICY])
+def test_both_policies_require_the_vllm_load_check_of_safetensors_variants(synthetic, capsys, policy):
+    """An artifact vLLM could not load, or that was never checked, fails; a GGUF one skips the rule."""
+    failed = synthetic.artifact("tiny-step35-FP8-BLOCK", "FP8-BLOCK", changes={"engines.vllm_load.ok": False})
+    code, out, _ = run(capsys, failed, "--policy", policy)
+    assert code == 1 and "FAIL engines.vllm_load.ok = false (require_vllm_load)" in out.splitlines(), out
+    unchecked = synthetic.artifact("tiny-step35-NVFP4A16", "NVFP4A16",
+                                   changes={"engines.vllm_load": {"not_measured": "skipped (--no-engine-check)"}})
+    code, out, _ = run(capsys, unchecked, "--policy", policy)
+    assert code == 1 and ("FAIL engines.vllm_load: not measured: skipped (--no-engine-check) "
+                          "(require_vllm_load, required)") in out.splitlines(), out
+    gguf = synthetic.artifact("tiny-step35-GGUF-Q8_0", "GGUF-Q8_0",
+                              changes={"engines.vllm_load": {"not_measured": "GGUF artifacts are for llama.cpp"}})
+    code, out, _ = run(capsys, gguf, "--policy", policy)
+    assert "SKIP require_vllm_load: applies to safetensors artifacts, this one is gguf" in out.splitlines(), out
+    loaded = synthetic.artifact("tiny-step35-FP8-DYNAMIC", "FP8-DYNAMIC")
+    _, out, _ = run(capsys, loaded, "--policy", policy)
+    assert "PASS engines.vllm_load.ok = true (require_vllm_load)" in out.splitlines(), out
+
+
+def test_a_check_rule_takes_true_or_false_only(tmp_path):
+    with pytest.raises(BadInput, match=r"variants.default.require_vllm_load: expected true or false, got 1"):
+        load_policy(policy_file(tmp_path, "variants:\n  default:\n    require_vllm_load: 1\n"))
+    dropped = load_policy(policy_file(tmp_path, "variants:\n  default:\n    require_vllm_load: false\n"))
+    assert dropped.rules_for("FP8-BLOCK")[1] == []
 
 
 def test_broken_artifact_fails_with_its_numbers(synthetic, capsys):

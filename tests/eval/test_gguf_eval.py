@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 from convert.errors import BadInput
 from convert.fixtures import BUNDLED_FIXTURE
-from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, llama_cpp_dir
+from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION
 from eval.gguf_logits import LlamaCppModel, gguf_mtp_acceptance, import_llama_cpp
 from eval.schema import not_measured
 from eval.speed import llama_bench, speed_ratios, vllm_available, vllm_speed
@@ -33,17 +32,7 @@ QTYPES = ("BF16", "Q8_0", "Q4_K_M")
 
 
 @pytest.fixture(scope="module")
-def llama_cpp_built() -> Path:
-    """The llama.cpp tools and Python binding, built (or reused from the cache) by `make llama-cpp`."""
-    p = subprocess.run(["make", "--no-print-directory", "llama-cpp"], cwd=REPO, capture_output=True, text=True,
-                       check=False)
-    if p.returncode != 0:
-        pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    return llama_cpp_dir()
-
-
-@pytest.fixture(scope="module")
-def ggufs(llama_cpp_built, tmp_path_factory) -> dict[str, Path]:
+def ggufs(llama_cpp, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf-eval")
     return {q: next(export_gguf(BUNDLED_FIXTURE, out, q).glob("*.gguf")) for q in QTYPES}
 
@@ -91,15 +80,15 @@ def gguf_vs_reference(ggufs, held_out, reference_logp) -> dict[str, dict]:
     return out
 
 
-def test_binding_is_the_cached_sdist(llama_cpp_built):
-    llama_cpp = import_llama_cpp()
-    assert llama_cpp.__version__ == LLAMA_CPP_PYTHON_VERSION
-    assert Path(llama_cpp.__file__).is_relative_to(llama_cpp_built / "python")
-    lib = Path(llama_cpp.llama_cpp._lib._name)
-    assert lib == llama_cpp_built / "src" / "build" / "bin" / "libllama.so"
+def test_binding_is_the_cached_sdist(llama_cpp):
+    binding, built = import_llama_cpp(), llama_cpp
+    assert binding.__version__ == LLAMA_CPP_PYTHON_VERSION
+    assert Path(binding.__file__).is_relative_to(built / "python")
+    lib = Path(binding.llama_cpp._lib._name)
+    assert lib == built / "src" / "build" / "bin" / "libllama.so"
     assert os.environ["LLAMA_CPP_LIB_PATH"] == str(lib.parent)
     # both halves written by the same `make llama-cpp` from the same sdist version
-    for stamp in (llama_cpp_built / ".stepq-built", llama_cpp_built / "python" / ".stepq-extracted"):
+    for stamp in (built / ".stepq-built", built / "python" / ".stepq-extracted"):
         assert stamp.read_text().startswith(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "), stamp
 
 

@@ -1,10 +1,13 @@
-"""convert.executor: the local executor used to pipeline reads and the fast quantize kernels.
+"""convert.executor: the local executor that pipelines reads with the fast quantize kernels.
 
-Lives beside the kernel tests because it exists for them: results in submission order, bounded read-ahead,
-errors surface at the consumer, early exit stops the reader; and an expert-by-expert NVFP4 conversion through it
-gives the same bytes as the serial path.
+Results in submission order, bounded read-ahead, errors surface at the consumer, early exit stops the reader, the
+reader thread really faults the pages in; and an expert-by-expert NVFP4 conversion through it gives the same bytes
+as the serial path.
 """
 
+import ctypes
+import mmap
+import os
 import threading
 import time
 from functools import partial
@@ -83,9 +86,32 @@ def test_early_exit_joins_the_reader():
     assert threading.active_count() <= before
 
 
-def test_touch_pages_accepts_nested_and_odd_tensors():
-    touch_pages([torch.zeros(10000, dtype=torch.bfloat16), {"a": torch.ones(3, dtype=torch.bool)},
-                 (torch.empty(0), torch.zeros(4, 4).t())])
+def _resident(t: torch.Tensor) -> tuple[int, int]:
+    """(pages of `t`'s memory in the page cache, pages it spans), from mincore(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = t.data_ptr() + t.numel() * t.element_size() - start
+    vec = (ctypes.c_ubyte * -(-length // mmap.PAGESIZE))()
+    assert libc.mincore(start, length, vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec), len(vec)
+
+
+def test_touch_pages_faults_in_mapped_tensors_nested_anywhere(tmp_path):
+    """The reader thread's job: every page of a memory-mapped tensor is in memory afterwards, wherever the tensor
+    sits in the read's result; tensors it cannot or need not touch (empty, non-contiguous, bool) pass through."""
+    pages = 64
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(pages * mmap.PAGESIZE))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache: a cold read
+    mapped = torch.from_file(str(path), shared=True, size=pages * mmap.PAGESIZE // 2, dtype=torch.bfloat16)
+    odd = (torch.empty(0), torch.zeros(4, 4).t(), torch.ones(3, dtype=torch.bool))
+    touch_pages([{"experts": (odd, [mapped[: mapped.numel() // 2], mapped[mapped.numel() // 2:]])}])
+    resident, total = _resident(mapped)
+    assert total == pages and resident == pages
 
 
 def test_expert_by_expert_nvfp4_through_the_executor_matches_serial():

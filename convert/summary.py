@@ -1,4 +1,4 @@
-"""`stepq inspect`: what a checkpoint holds, by role, without reading any weights."""
+"""What a checkpoint holds, by role, without reading any weights (`stepq inspect`)."""
 
 from __future__ import annotations
 
