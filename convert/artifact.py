@@ -6,11 +6,12 @@ What was quantized and how comes from the artifact's `stepq.json`, never re-deri
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from convert.checkpoint import INDEX_NAME
+from convert.checkpoint import INDEX_NAME, _safe_relative
 from convert.errors import BadInput
 from convert.safetensors_io import SafetensorsFile
 from quant.layouts import layout_for
@@ -19,16 +20,30 @@ from quant.layouts import layout_for
 class ArtifactReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.provenance = _read_json(self.path / "stepq.json")
+        index = _read_json(self.path / INDEX_NAME)
+        prov = self.path / "stepq.json"
+        self.scheme = self.provenance.get("scheme")
+        self.decisions: dict[str, dict] = self.provenance.get("tensors")
+        if not isinstance(self.decisions, dict) or not all(isinstance(d, dict) for d in self.decisions.values()):
+            raise BadInput(f"{prov}: tensors must map tensor names to decision objects")
         try:
-            self.provenance = json.loads((self.path / "stepq.json").read_text())
-            weight_map = json.loads((self.path / INDEX_NAME).read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise BadInput(f"{self.path}: not a stepq artifact ({e.__class__.__name__}: {e})")
-        self.scheme = self.provenance["scheme"]
-        self.decisions: dict[str, dict] = self.provenance["tensors"]
-        self._files = {s: SafetensorsFile(self.path / s) for s in sorted(set(weight_map.values()))}
+            self.layout = layout_for(self.scheme)
+        except (ValueError, TypeError):  # unknown or not a string
+            raise BadInput(f"{prov}: scheme {self.scheme!r} is not one stepq writes")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BadInput(f"{self.path / INDEX_NAME}: weight_map must map tensor names to file names")
+        # the same rule as a source checkpoint's index: no file outside the folder, no unusable names
+        shards = {s: _safe_relative(self.path, s, self.path / INDEX_NAME) for s in set(weight_map.values())}
+        self._files = {}
+        try:
+            for s in sorted(shards):
+                self._files[s] = SafetensorsFile(self.path / shards[s])
+        except BadInput:
+            self.close()
+            raise
         self._where = weight_map
-        self.layout = layout_for(self.scheme)
 
     def stored(self, name: str) -> torch.Tensor:
         """An output tensor as stored (packed codes, scales, ...)."""
@@ -42,21 +57,51 @@ class ArtifactReader:
 
     def read(self, source_name: str) -> torch.Tensor:
         """The source tensor `source_name` as this artifact represents it (float32 if it was quantized)."""
-        d = self.decisions[source_name]
+        d = self._decision(source_name)
         if d["action"] == "kept":
             return self.stored(source_name)
         module = source_name.removesuffix(".weight")
-        if len(d["shape"]) == 3:  # a routed-expert stack
-            return self.layout.decode_experts(self.stored, module, d["shape"][0])
-        return self.layout.decode_linear(self.stored, module)
+        with self._decoding(source_name):
+            if len(d["shape"]) == 3:  # a routed-expert stack
+                return self.layout.decode_experts(self.stored, module, d["shape"][0])
+            return self.layout.decode_linear(self.stored, module)
 
     def read_expert(self, source_name: str, expert: int) -> torch.Tensor:
         """Expert `expert` of the routed-expert stack `source_name`, dequantized from its own bytes only."""
-        d = self.decisions[source_name]
+        d = self._decision(source_name)
         if d["action"] == "kept":
             return self.stored(source_name)[expert]
-        return self.layout.decode_expert(self.stored, source_name.removesuffix(".weight"), expert)
+        with self._decoding(source_name):
+            return self.layout.decode_expert(self.stored, source_name.removesuffix(".weight"), expert)
+
+    def _decision(self, name: str) -> dict:
+        d = self.decisions.get(name)
+        shape = d.get("shape") if isinstance(d, dict) else None
+        if not (isinstance(d, dict) and isinstance(d.get("action"), str) and
+                (d["action"] == "kept" or isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape))):
+            raise BadInput(f"{self.path / 'stepq.json'}: tensor {name}: no decision with an action and a shape")
+        return d
+
+    @contextmanager
+    def _decoding(self, name: str):
+        """Stored tensors that disagree with the decision (shapes, dtypes, counts) fail in the layout's arithmetic."""
+        try:
+            yield
+        except (ValueError, RuntimeError, IndexError, TypeError) as e:
+            raise BadInput(f"{self.path / 'stepq.json'}: tensor {name}: stored tensors do not decode as recorded "
+                           f"({e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    # ValueError: bad JSON, bad UTF-8, an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (OSError, ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: not a stepq artifact ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0]})")
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: not a stepq artifact (not a JSON object)")
+    return obj

@@ -68,10 +68,16 @@ class Checkpoint:
 def _safe_relative(model_dir: Path, rel: str, where: Path, tensor: str | None = None) -> str:
     """A shard path from an index must stay inside the model folder, even through symlinks."""
     p = Path(rel)
+    what = f"tensor {tensor}: " if tensor else ""
     if p.is_absolute() or ".." in p.parts or rel.strip() == "":
-        what = f"tensor {tensor}: " if tensor else ""
         raise BadInput(f"{where}: {what}weight_map path {rel!r} leaves the model folder")
-    real = (model_dir / p).resolve()
+    try:  # NUL bytes, lone surrogates and over-long names fail in the OS calls, not as BadInput
+        if not rel.isprintable():
+            raise ValueError("non-printable characters")
+        real = (model_dir / p).resolve()
+        (model_dir / p).exists()
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{where}: {what}weight_map path {rel!r} is not a usable file name ({e.__class__.__name__})")
     if not any(real.is_relative_to(r) for r in model_roots(model_dir)):
         raise BadInput(f"{model_dir / p}: symlink points outside the model folder ({real})")
     return p.as_posix()
@@ -83,10 +89,14 @@ def _weight_map(model_dir: Path) -> dict[str, str] | None:
         return None
     try:
         wm = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    # ValueError: besides JSONDecodeError, an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
         raise BadInput(f"{index}: not a valid safetensors index ({e.__class__.__name__}: {e})")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise BadInput(f"{index}: weight_map must map tensor names to file names")
+    for name in wm:
+        if not name.isprintable():  # it would break the one-line error messages that name it
+            raise BadInput(f"{index}: tensor {name!r}: name holds non-printable characters")
     return {name: _safe_relative(model_dir, rel, index, name) for name, rel in wm.items()}
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from convert.errors import BadInput
 
 SUPPORTED_MODEL_TYPES = ("step3p5",)
+# Far above any Step model (45 + 3); bounds the per-layer tables a config implies before any weight is read.
+MAX_LAYERS = 10_000
 # Files of a model folder besides weights and config that stages read or copy into artifacts.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -94,6 +96,9 @@ def parse_config(raw: dict, path: Path) -> Step35Config:
         n_trunk = int(raw["num_hidden_layers"])
         n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)
         n = n_trunk + n_mtp
+        if not (n_trunk >= 0 and n_mtp >= 0 and n <= MAX_LAYERS):  # before any per-layer table is built
+            raise BadInput(f"{path}: num_hidden_layers {n_trunk} + num_nextn_predict_layers {n_mtp}: not a layer "
+                           f"count stepq reads (0..{MAX_LAYERS} in all)")
         other = raw.get("attention_other_setting") or {}
         moe_layers = _parse_moe_layers(raw, path)
         if any(not 0 <= i < n_trunk for i in moe_layers):
@@ -128,7 +133,8 @@ def parse_config(raw: dict, path: Path) -> Step35Config:
         )
     except KeyError as e:
         raise BadInput(f"{path}: missing required key {e.args[0]!r}")
-    except (TypeError, ValueError) as e:
+    # OverflowError: int(inf); AttributeError: a section that should be an object is not
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:
         raise BadInput(f"{path}: malformed value ({e})")
 
 
@@ -168,7 +174,8 @@ def load_config(model_dir: Path) -> Step35Config:
         raise BadInput(f"{path}: no config.json in the model folder")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError: besides JSONDecodeError, an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (ValueError, RecursionError) as e:
         raise BadInput(f"{path}: not valid JSON ({e})")
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected a JSON object")

@@ -400,6 +400,22 @@ class _CheckedReader(gguf.GGUFReader):
     def __init__(self, path: Path):
         self.path = path
         super().__init__(path)
+        for field in self.fields.values():  # GGUF strings are UTF-8; gguf-py decodes values only when asked
+            if field.types and field.types[-1] == gguf.GGUFValueType.STRING:
+                for i in field.data:
+                    try:
+                        bytes(field.parts[i]).decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise BadInput(f"{self.path}: key {_shown(field.name)}: a string value is not UTF-8")
+
+    def _get(self, offset: int, dtype, count: int = 1, override_order=None):
+        # gguf-py slices its memmap, so a read past the end returns fewer items, not an error: an array of a billion
+        # numbers declared near the end of the file then loops (and allocates) without ever advancing.
+        count = int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        if count < 0 or offset < 0 or end > len(self.data):
+            raise ValueError(f"a field at byte {offset} runs to byte {end}, past the end of the {len(self.data)}-byte file")
+        return super()._get(offset, dtype, count, override_order)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         for field in fields:
@@ -407,9 +423,14 @@ class _CheckedReader(gguf.GGUFReader):
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
             end = start_offs + int(offset[0]) + math.prod(int(d) for d in dims) * type_size // block
             if end > len(self.data):
-                raise BadInput(f"{self.path}: tensor {bytes(name).decode(errors='replace')}: data ends at byte {end}, "
-                               f"past the end of the {len(self.data)}-byte file (truncated?)")
+                raise BadInput(f"{self.path}: tensor {_shown(bytes(name).decode(errors='replace'))}: data ends at byte "
+                               f"{end}, past the end of the {len(self.data)}-byte file (truncated?)")
         super()._build_tensors(start_offs, fields)
+
+
+def _shown(name: str) -> str:
+    """A name from the file as it can go into a one-line message."""
+    return name if name.isprintable() else repr(name)
 
 
 def read_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -420,4 +441,5 @@ def read_gguf(path: str | Path) -> gguf.GGUFReader:
     except BadInput:
         raise
     except (ValueError, KeyError, IndexError, OverflowError, OSError) as e:  # what gguf-py raises on bad bytes
-        raise BadInput(f"{path}: not a readable GGUF file ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
+        first = (str(e).splitlines() or [""])[0]  # an exception may have an empty message
+        raise BadInput(f"{path}: not a readable GGUF file ({e.__class__.__name__}: {first})") from e

@@ -55,22 +55,28 @@ def _parse_header(path: Path, size: int, head: bytes) -> tuple[dict[str, Entry],
         raise BadInput(f"{path}: not a safetensors file or truncated (header length {n} past end of file, {size} bytes)")
     try:
         header = json.loads(head[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError: besides JSONDecodeError, an integer literal past Python's digit limit; RecursionError: deep nesting
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BadInput(f"{path}: safetensors header is not valid JSON ({e.__class__.__name__})")
     if not isinstance(header, dict):
         raise BadInput(f"{path}: safetensors header is not a JSON object")
     base, data_len = 8 + n, size - 8 - n
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise BadInput(f"{path}: __metadata__ must map names to strings")
     entries = {}
     for name, e in header.items():
+        if not name.isprintable():  # it would break the one-line error messages that name it
+            raise BadInput(f"{path}: tensor {name!r}: name holds non-printable characters")
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise BadInput(f"{path}: tensor {name}: header entry must have exactly dtype, shape, data_offsets")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise BadInput(f"{path}: tensor {name}: unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # `type(d) is int`: JSON true/false parse as bools, which are ints; < 2**63: torch's dimension type
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
             raise BadInput(f"{path}: tensor {name}: invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise BadInput(f"{path}: tensor {name}: invalid data_offsets {offsets!r}")
         start, end = offsets
         if not 0 <= start <= end <= data_len:
