@@ -2,13 +2,13 @@
 
 Whole model in memory: meant for the tiny fixture and for oracle checks, not for the real 199B model.
 The trunk is transformers' `Step3p7TextModel`; the MTP layers, which transformers' loader never builds
-(`_keys_to_ignore_on_load_unexpected`), are built here from its `Step3p7DecoderLayer`.
+(`_keys_to_ignore_on_load_unexpected`), are built here from its `Step3p7DecoderLayer` (how they run: quant/mtp.py).
+Parameter names come from the role table (convert/arch/step35.py `transformers_name`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
     Step3p7TextModel,
 )
 
-_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "transformer.shared_head.")
+from convert.arch.step35 import checkpoint_names, transformers_name
 
 
 def text_config(cfg: dict, with_mtp: bool = False) -> Step3p7TextConfig:
@@ -157,34 +157,17 @@ class ReferenceModel(nn.Module):
 
 
 def from_checkpoint_names(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> ReferenceModel names (transformers' conversion_mapping entry for step3p7, plus MTP)."""
+    """Checkpoint names -> ReferenceModel names, from the role table (convert/arch/step35.py `transformers_name`)."""
     n = cfg["num_hidden_layers"]
-    out, gate_up = {}, {}
+    out, fused = {}, {}
     for name, w in tensors.items():
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-        if m is None:  # model.embed_tokens, model.norm, lm_head
-            out[name] = w
-            continue
-        i, rest = int(m[1]), m[2]
-        if i >= n:  # MTP layer: its own modules stay, the decoder layer sits under mtp_block (as in vLLM)
-            prefix = f"mtp.{i - n}."
-            out[prefix + (rest if rest.startswith(_MTP_OWN) else "mtp_block." + rest)] = w
-            continue
-        prefix = f"model.layers.{i}."
-        if rest in ("moe.gate_proj.weight", "moe.up_proj.weight"):
-            gate_up.setdefault(i, {})[rest.split(".")[1]] = w
-        elif rest == "moe.down_proj.weight":
-            out[prefix + "mlp.experts.down_proj"] = w
-        elif rest == "moe.gate.weight":
-            out[prefix + "mlp.gate.weight"] = w
-        elif rest == "moe.router_bias":
-            out[prefix + "mlp.gate.e_score_correction_bias"] = w
-        elif rest.startswith("share_expert."):
-            out[prefix + "mlp.shared_experts." + rest[len("share_expert."):]] = w
+        ref, part = transformers_name(name, n)
+        if part is None:
+            out[ref] = w
         else:
-            out[prefix + rest] = w
-    for i, parts in gate_up.items():  # fused [E, 2*I, H]: gate rows first, then up
-        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
+            fused.setdefault(ref, {})[part] = w
+    for ref, parts in fused.items():  # e.g. experts [E, 2*I, H]: gate rows first, then up
+        out[ref] = torch.cat([parts[i] for i in range(len(parts))], dim=1)
     return out
 
 
@@ -193,25 +176,9 @@ def to_checkpoint_names(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, 
     n = cfg["num_hidden_layers"]
     out = {}
     for name, w in state.items():
-        if m := re.match(r"mtp\.(\d+)\.(.*)", name):
-            out[f"model.layers.{n + int(m[1])}.{m[2].removeprefix('mtp_block.')}"] = w
-            continue
-        m = re.match(r"model\.layers\.(\d+)\.mlp\.((?:gate|experts|shared_experts)\..*)$", name)
-        if m is None:
-            out[name] = w
-            continue
-        prefix, rest = f"model.layers.{m[1]}.", m[2]
-        if rest == "experts.gate_up_proj":
-            gate, up = w.chunk(2, dim=1)
-            out[prefix + "moe.gate_proj.weight"], out[prefix + "moe.up_proj.weight"] = gate, up
-        elif rest == "experts.down_proj":
-            out[prefix + "moe.down_proj.weight"] = w
-        elif rest == "gate.weight":
-            out[prefix + "moe.gate.weight"] = w
-        elif rest == "gate.e_score_correction_bias":
-            out[prefix + "moe.router_bias"] = w
-        else:
-            out[prefix + "share_expert." + rest[len("shared_experts."):]] = w
+        names = checkpoint_names(name, n)
+        parts = [w] if len(names) == 1 else w.chunk(len(names), dim=1)
+        out.update(zip(names, parts))
     return out
 
 

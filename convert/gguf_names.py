@@ -1,5 +1,8 @@
 """Step-3.5 roles -> llama.cpp `step35` GGUF tensor names, and the per-tensor storage rules of a GGUF export.
 
+The GGUF column of the role table (convert/arch/step35.py), kept here because it is gguf-py's vocabulary; which
+tensors a GGUF carries with or without the MTP layers is the MTP rule's (quant/mtp.py `in_gguf`).
+
 Names come from gguf-py's own tables (`gguf.TENSOR_NAMES`); which role maps to which table entry is ours. The
 rules mirror what llama.cpp's converter (`conversion/step3.py` + `conversion/base.py`) does, so a stepq GGUF is
 tensor-for-tensor identical to one written by `convert_hf_to_gguf.py`:
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 
 import gguf
 
-from convert.arch.step35 import Role, TensorInfo
+from convert.arch.step35 import TensorInfo
 from convert.errors import BadInput
+from quant.roles import Role
 
 T = gguf.MODEL_TENSOR
 QT = gguf.GGMLQuantizationType

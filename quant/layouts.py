@@ -3,10 +3,10 @@
 Tensors in, (name, tensor, row) out; `row` is set when the tensor is one expert's slice of a 3-D output stack.
 `decode_*` invert a layout from the stored tensors (float32), for read-back and evals.
 Ignore lists are written for vLLM's matching: native `fp8` matches module prefixes exactly (fused shards must all
-be listed), compressed-tensors accepts names and `re:` regexes; the MTP drafter names its modules
-`model.layers.<n>.mtp_block.*`, `model.layers.<n>.eh_proj` and `model.layers.<n>.shared_head.head`.
-`mtp_layers` passed to the config builders are the MTP layers kept entirely unquantized (one pattern covers them);
-modules kept inside quantized MTP layers are listed one by one under their runtime names.
+be listed), compressed-tensors accepts names and `re:` regexes. The names come with each `KeptModule` (the caller
+takes them from the architecture's role table); `mtp_layers` passed to the config builders are the MTP layers kept
+entirely unquantized (quant/mtp.py `layers_kept_whole`; one pattern covers each), modules kept inside quantized MTP
+layers are listed one by one under their runtime names.
 """
 
 from __future__ import annotations
@@ -30,21 +30,22 @@ Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
 Act = list[torch.Tensor] | None  # calibrated input absmax per module (0-dim), for schemes with static activations
 InputQuant = Callable[[torch.Tensor], torch.Tensor] | None  # what the engine does to a linear's input; None = nothing
 
-FUSED_RUNTIME = {  # checkpoint module suffix -> vLLM's fused module suffix
-    "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
-    "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
-    "share_expert.gate_proj": "share_expert.gate_up_proj", "share_expert.up_proj": "share_expert.gate_up_proj",
-}
 _LAYER_MODULE = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
 class KeptModule:
-    """A linear module left unquantized, as the checkpoint names it."""
+    """A linear module left unquantized: its checkpoint name and the names vLLM may give it at run time (fused,
+    inside the MTP drafter), from the architecture's table (convert/arch: `vllm_names`)."""
 
     module: str
     role: str
     mtp: bool
+    runtime_names: tuple[str, ...] = ()
+
+    @property
+    def ignore_names(self) -> list[str]:
+        return list(self.runtime_names) or _runtime_names_by_suffix(self.module, self.mtp)
 
 
 def expert_module(stack_module: str, expert: int) -> str:
@@ -53,14 +54,23 @@ def expert_module(stack_module: str, expert: int) -> str:
     return f"{head}.experts.{expert}.{proj}"
 
 
-def runtime_names(module: str, mtp: bool) -> list[str]:
-    """The names vLLM may give a checkpoint module at run time (fused, and inside the MTP drafter)."""
+# Transitional, for callers that build KeptModule without runtime_names (convert/safetensors_export.py until it
+# passes convert.arch.step35.vllm_names): the same names, by suffix. tests/convert/test_name_maps.py holds it equal to
+# the table; delete it with that caller's change.
+_FUSED_BY_SUFFIX = {
+    "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+    "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
+    "share_expert.gate_proj": "share_expert.gate_up_proj", "share_expert.up_proj": "share_expert.gate_up_proj",
+}
+
+
+def _runtime_names_by_suffix(module: str, mtp: bool) -> list[str]:
     names = [module]
     m = _LAYER_MODULE.match(module)
     if not m:
         return names
     layer, rest = m.groups()
-    fused = FUSED_RUNTIME.get(rest)
+    fused = _FUSED_BY_SUFFIX.get(rest)
     if fused:
         names.append(f"{layer}.{fused}")
     if mtp:
@@ -90,6 +100,7 @@ class _Layout:
     scales searched against calibration importance, see quant.nvfp4_search)."""
 
     supports_search = False
+    static_activations = False  # the config carries calibrated input scales: the scheme needs statistics
 
     def __init__(self, method: str = "rtn"):
         if method not in METHODS or (method == "search" and not self.supports_search):
@@ -153,7 +164,7 @@ class Fp8BlockLayout(_Layout):
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
         skip = ["lm_head", "model.embed_tokens", "model.norm"]
         for k in kept:
-            skip += runtime_names(k.module, k.mtp)
+            skip += k.ignore_names
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": [128, 128], "modules_to_not_convert": list(dict.fromkeys(skip))}
 
@@ -186,7 +197,7 @@ class _CompressedTensorsLayout(_Layout):
         names = ["lm_head"]
         for k in kept:
             if not _in_layers(k.module, mtp_layers):
-                names += runtime_names(k.module, mtp=k.mtp)
+                names += k.ignore_names
         return list(dict.fromkeys(names)) + _mtp_regex(mtp_layers)
 
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
@@ -263,6 +274,7 @@ class CtNvfp4Layout(CtNvfp4A16Layout):
     absmax) per linear and per expert; the per-16 activation scales are computed at run time."""
 
     scheme = "nvfp4"
+    static_activations = True
     group = {
         "weights": _NVFP4_WEIGHTS,
         "input_activations": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
@@ -289,6 +301,7 @@ class CtFp8StaticLayout(_CompressedTensorsLayout):
     input scale from calibration, both in the model dtype."""
 
     scheme = "fp8-static"
+    static_activations = True
     format = "float-quantized"
     group = {
         "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True,
@@ -322,6 +335,7 @@ class ModeloptNvfp4Layout(_Layout):
 
     scheme = "nvfp4-modelopt"
     supports_search = True
+    static_activations = True
 
     def _quantize(self, weights, act, importance):
         gs = shared_global_scale(*weights)
@@ -361,7 +375,7 @@ class ModeloptNvfp4Layout(_Layout):
 
     def exclude_modules(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:
         names = ["lm_head"] + [n for k in kept if not _in_layers(k.module, mtp_layers)
-                               for n in runtime_names(k.module, mtp=k.mtp)]
+                               for n in k.ignore_names]
         return list(dict.fromkeys(names)) + [f"model.layers.{i}.*" for i in sorted(mtp_layers)]
 
     def quantization_config(self, kept: list[KeptModule], mtp_layers: list[int]) -> dict:
@@ -378,8 +392,7 @@ class ModeloptNvfp4Layout(_Layout):
 
 LAYOUTS = {cls.scheme: cls for cls in (Fp8BlockLayout, CtFp8DynamicLayout, CtFp8StaticLayout, CtNvfp4A16Layout,
                                        CtNvfp4Layout, ModeloptNvfp4Layout)}
-# Schemes whose config carries static activation scales: they need calibration statistics.
-NEEDS_ACTIVATION_STATS = frozenset({"fp8-static", "nvfp4", "nvfp4-modelopt"})
+NEEDS_ACTIVATION_STATS = frozenset(scheme for scheme, cls in LAYOUTS.items() if cls.static_activations)
 
 
 def layout_for(scheme: str, method: str = "rtn"):

@@ -1,88 +1,80 @@
-"""Step-3.5 role table: every checkpoint tensor name maps to a role; an unmapped name is an error.
+"""Step-3.5 role table: every checkpoint tensor name maps to a role, and each role to the names transformers' Step3p7
+modules and vLLM's Step-3.5 models give it; an unmapped name is an error. GGUF names are keyed on the same roles in
+convert/gguf_names.py.
 
 Recipes and writers speak in roles, never in substrings of names. MTP layers (indices >= num_hidden_layers)
-carry the same block roles flagged `mtp=True`, plus their own `mtp_*` roles.
+carry the same block roles flagged `mtp=True`, plus their own `mtp_*` roles; what each format does with them is
+decided in quant/mtp.py, what they are called is in this table.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 
 from convert.config import Step35Config
 from convert.errors import BadInput
+from quant.roles import EXPERT_ROLES, LINEAR_ROLES, Role  # EXPERT_/LINEAR_ROLES: callers take them from here
 
 
-class Role(StrEnum):
-    EMBED = "embed"
-    LM_HEAD = "lm_head"
-    NORM = "norm"
-    ATTN_Q = "attn_q"
-    ATTN_K = "attn_k"
-    ATTN_V = "attn_v"
-    ATTN_O = "attn_o"
-    ATTN_GATE = "attn_gate"
-    MLP_GATE = "mlp_gate"
-    MLP_UP = "mlp_up"
-    MLP_DOWN = "mlp_down"
-    EXPERTS_GATE = "experts_gate"
-    EXPERTS_UP = "experts_up"
-    EXPERTS_DOWN = "experts_down"
-    SHARED_GATE = "shared_gate"
-    SHARED_UP = "shared_up"
-    SHARED_DOWN = "shared_down"
-    ROUTER = "router"
-    ROUTER_BIAS = "router_bias"
-    MTP_EH_PROJ = "mtp_eh_proj"
-    MTP_ENORM = "mtp_enorm"
-    MTP_HNORM = "mtp_hnorm"
-    MTP_HEAD_NORM = "mtp_head_norm"
-    MTP_HEAD = "mtp_head"
+@dataclass(frozen=True)
+class Names:
+    """One row: a tensor's role, the layers that carry it, and its names outside the checkpoint.
 
+    `transformers`: the Step3p7 parameter holding it (None: the checkpoint's own name); the expert gate and up
+    stacks are the two halves, in that order, of one fused parameter. `vllm`: the module vLLM runs it in when that
+    is not the checkpoint's module (a fused module, or the MTP drafter's rename), as vLLM's ignore matching sees it:
+    before the trunk's own mapper moves `share_expert` under `moe.`."""
 
-EXPERT_ROLES = frozenset({Role.EXPERTS_GATE, Role.EXPERTS_UP, Role.EXPERTS_DOWN})
-LINEAR_ROLES = frozenset({
-    Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_GATE, Role.MLP_GATE, Role.MLP_UP,
-    Role.MLP_DOWN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.MTP_EH_PROJ, Role.MTP_HEAD, Role.ROUTER,
-    *EXPERT_ROLES,
-})
+    role: Role
+    layers: str = "global"  # "global" | "all" | "dense" | "moe" | "mtp" (the MTP layers' own tensors)
+    transformers: str | None = None
+    vllm: str | None = None
+
 
 GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": Role.EMBED,
-    "model.norm.weight": Role.NORM,
-    "lm_head.weight": Role.LM_HEAD,
+    "model.embed_tokens.weight": Names(Role.EMBED),
+    "model.norm.weight": Names(Role.NORM),
+    "lm_head.weight": Names(Role.LM_HEAD),
 }
 
-# suffix under `model.layers.{i}.` -> (role, which layers carry it: "all" | "dense" | "moe" | "mtp")
+# suffix under `model.layers.{i}.`; MTP layers carry the "all" and "dense" rows as their decoder block
 LAYER_TENSORS = {
-    "input_layernorm.weight": (Role.NORM, "all"),
-    "post_attention_layernorm.weight": (Role.NORM, "all"),
-    "self_attn.q_proj.weight": (Role.ATTN_Q, "all"),
-    "self_attn.k_proj.weight": (Role.ATTN_K, "all"),
-    "self_attn.v_proj.weight": (Role.ATTN_V, "all"),
-    "self_attn.o_proj.weight": (Role.ATTN_O, "all"),
-    "self_attn.g_proj.weight": (Role.ATTN_GATE, "all"),
-    "self_attn.q_norm.weight": (Role.NORM, "all"),
-    "self_attn.k_norm.weight": (Role.NORM, "all"),
-    "mlp.gate_proj.weight": (Role.MLP_GATE, "dense"),
-    "mlp.up_proj.weight": (Role.MLP_UP, "dense"),
-    "mlp.down_proj.weight": (Role.MLP_DOWN, "dense"),
-    "moe.gate.weight": (Role.ROUTER, "moe"),
-    "moe.router_bias": (Role.ROUTER_BIAS, "moe"),
-    "moe.gate_proj.weight": (Role.EXPERTS_GATE, "moe"),
-    "moe.up_proj.weight": (Role.EXPERTS_UP, "moe"),
-    "moe.down_proj.weight": (Role.EXPERTS_DOWN, "moe"),
-    "share_expert.gate_proj.weight": (Role.SHARED_GATE, "moe"),
-    "share_expert.up_proj.weight": (Role.SHARED_UP, "moe"),
-    "share_expert.down_proj.weight": (Role.SHARED_DOWN, "moe"),
-    "eh_proj.weight": (Role.MTP_EH_PROJ, "mtp"),
-    "enorm.weight": (Role.MTP_ENORM, "mtp"),
-    "hnorm.weight": (Role.MTP_HNORM, "mtp"),
-    "transformer.shared_head.norm.weight": (Role.MTP_HEAD_NORM, "mtp"),
-    "transformer.shared_head.output.weight": (Role.MTP_HEAD, "mtp"),
+    "input_layernorm.weight": Names(Role.NORM, "all"),
+    "post_attention_layernorm.weight": Names(Role.NORM, "all"),
+    "self_attn.q_proj.weight": Names(Role.ATTN_Q, "all", vllm="self_attn.qkv_proj"),
+    "self_attn.k_proj.weight": Names(Role.ATTN_K, "all", vllm="self_attn.qkv_proj"),
+    "self_attn.v_proj.weight": Names(Role.ATTN_V, "all", vllm="self_attn.qkv_proj"),
+    "self_attn.o_proj.weight": Names(Role.ATTN_O, "all"),
+    "self_attn.g_proj.weight": Names(Role.ATTN_GATE, "all"),
+    "self_attn.q_norm.weight": Names(Role.NORM, "all"),
+    "self_attn.k_norm.weight": Names(Role.NORM, "all"),
+    "mlp.gate_proj.weight": Names(Role.MLP_GATE, "dense", vllm="mlp.gate_up_proj"),
+    "mlp.up_proj.weight": Names(Role.MLP_UP, "dense", vllm="mlp.gate_up_proj"),
+    "mlp.down_proj.weight": Names(Role.MLP_DOWN, "dense"),
+    "moe.gate.weight": Names(Role.ROUTER, "moe", "mlp.gate.weight"),
+    "moe.router_bias": Names(Role.ROUTER_BIAS, "moe", "mlp.gate.e_score_correction_bias"),
+    # vLLM runs the expert stacks as one FusedMoE `moe.experts`; ignore lists have always named the stacks (no
+    # bundled recipe keeps them), so the runtime name is left out here rather than changing those lists.
+    "moe.gate_proj.weight": Names(Role.EXPERTS_GATE, "moe", "mlp.experts.gate_up_proj"),
+    "moe.up_proj.weight": Names(Role.EXPERTS_UP, "moe", "mlp.experts.gate_up_proj"),
+    "moe.down_proj.weight": Names(Role.EXPERTS_DOWN, "moe", "mlp.experts.down_proj"),
+    "share_expert.gate_proj.weight": Names(Role.SHARED_GATE, "moe", "mlp.shared_experts.gate_proj.weight",
+                                           "share_expert.gate_up_proj"),
+    "share_expert.up_proj.weight": Names(Role.SHARED_UP, "moe", "mlp.shared_experts.up_proj.weight",
+                                         "share_expert.gate_up_proj"),
+    "share_expert.down_proj.weight": Names(Role.SHARED_DOWN, "moe", "mlp.shared_experts.down_proj.weight"),
+    "eh_proj.weight": Names(Role.MTP_EH_PROJ, "mtp"),
+    "enorm.weight": Names(Role.MTP_ENORM, "mtp"),
+    "hnorm.weight": Names(Role.MTP_HNORM, "mtp"),
+    "transformer.shared_head.norm.weight": Names(Role.MTP_HEAD_NORM, "mtp", vllm="shared_head.norm"),
+    "transformer.shared_head.output.weight": Names(Role.MTP_HEAD, "mtp", vllm="shared_head.head"),
 }
 
+# Where an MTP layer's decoder block sits, in vLLM's drafter (`step3p5_mtp`) and in our transformers reference alike.
+MTP_BLOCK = "mtp_block"
+# The reference model's MTP layers: `mtp.<depth - 1>.` (transformers itself never builds them).
+_TRANSFORMERS_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -116,18 +108,92 @@ class TensorSpec:
 def classify(name: str, cfg: Step35Config) -> TensorInfo:
     """Role of a checkpoint tensor; BadInput naming the tensor when the table has no entry for it."""
     if name in GLOBAL_TENSORS:
-        return TensorInfo(name, GLOBAL_TENSORS[name])
+        return TensorInfo(name, GLOBAL_TENSORS[name].role)
     m = _LAYER_NAME.match(name)
     if m and m.group(2) in LAYER_TENSORS:
         layer = int(m.group(1))
-        role, where = LAYER_TENSORS[m.group(2)]
-        if layer < cfg.num_layers and _layer_has(cfg, layer, where):
-            return TensorInfo(name, role, layer, cfg.is_mtp(layer))
+        row = LAYER_TENSORS[m.group(2)]
+        if layer < cfg.num_layers and _layer_has(cfg, layer, row.layers):
+            return TensorInfo(name, row.role, layer, cfg.is_mtp(layer))
         raise BadInput(f"tensor {name}: not expected in layer {layer} of this config "
                        f"({_layer_kind(cfg, layer)} layer)")
     raise BadInput(f"tensor {name}: unknown to the step3p5 role table")
 
 
+# ---- names in other formats ---------------------------------------------------------------------------------------
+def _split(name: str) -> tuple[int, str]:
+    m = _LAYER_NAME.match(name)
+    if m is None or m.group(2) not in LAYER_TENSORS:
+        raise ValueError(f"tensor {name}: unknown to the step3p5 role table")
+    return int(m.group(1)), m.group(2)
+
+
+def transformers_name(name: str, num_trunk_layers: int) -> tuple[str, int | None]:
+    """Checkpoint tensor -> (its transformers Step3p7 parameter, which part of a fused parameter it is, or None).
+
+    Trunk layers as transformers' own conversion mapping for step3p7 names them; MTP layer n is the reference's
+    `mtp.<n - num_trunk_layers>.`, its decoder block under `mtp_block.` as in vLLM's drafter."""
+    if name in GLOBAL_TENSORS:
+        return name, None
+    layer, suffix = _split(name)
+    row = LAYER_TENSORS[suffix]
+    hf = row.transformers or suffix
+    parts = _FUSED_PARTS.get(hf)
+    part = parts.index(suffix) if parts else None
+    if layer < num_trunk_layers:
+        return f"model.layers.{layer}.{hf}", part
+    inner = hf if row.layers == "mtp" else f"{MTP_BLOCK}.{hf}"
+    return f"mtp.{layer - num_trunk_layers}.{inner}", part
+
+
+def checkpoint_names(transformers: str, num_trunk_layers: int) -> list[str]:
+    """Inverse of `transformers_name`: the checkpoint tensors a transformers parameter holds, in part order (gate
+    then up for the fused expert stack)."""
+    if transformers in GLOBAL_TENSORS:
+        return [transformers]
+    suffixes = None
+    if m := _TRANSFORMERS_MTP.match(transformers):
+        head, inner = f"model.layers.{num_trunk_layers + int(m[1])}", m[2]
+        block = inner.removeprefix(f"{MTP_BLOCK}.")
+        suffixes = _BLOCK_FROM_TRANSFORMERS.get(block) if block != inner else _MTP_OWN_FROM_TRANSFORMERS.get(inner)
+    elif m := _LAYER_NAME.match(transformers):
+        head, suffixes = f"model.layers.{m[1]}", _BLOCK_FROM_TRANSFORMERS.get(m[2])
+    if not suffixes:
+        raise ValueError(f"parameter {transformers}: not the Step3p7 name of a step3p5 checkpoint tensor")
+    return [f"{head}.{s}" for s in suffixes]
+
+
+def vllm_names(info: TensorInfo) -> list[str]:
+    """The module names vLLM may give a checkpoint module at run time, as its ignore lists must name them: its own,
+    the fused module it is loaded into, and inside the MTP drafter both again under `mtp_block.` (block tensors) or
+    the drafter's rename (own tensors). The last one is the module vLLM runs it in."""
+    if info.layer is None:
+        return [info.module]
+    layer, suffix = _split(info.name)
+    row = LAYER_TENSORS[suffix]
+    head, own = f"model.layers.{layer}", suffix.removesuffix(".weight")
+    names = [info.module, f"{head}.{row.vllm or own}"]
+    if info.mtp and row.layers != "mtp":
+        names += [f"{head}.{MTP_BLOCK}.{own}", f"{head}.{MTP_BLOCK}.{row.vllm or own}"]
+    return list(dict.fromkeys(names))
+
+
+def _from_transformers(own: bool) -> dict[str, tuple[str, ...]]:
+    """transformers parameter suffix -> the checkpoint suffixes it holds, for the block rows or the MTP own rows."""
+    out: dict[str, list[str]] = {}
+    for suffix, row in LAYER_TENSORS.items():
+        if (row.layers == "mtp") == own:
+            out.setdefault(row.transformers or suffix, []).append(suffix)
+    return {hf: tuple(s) for hf, s in out.items()}
+
+
+_BLOCK_FROM_TRANSFORMERS = _from_transformers(own=False)
+_MTP_OWN_FROM_TRANSFORMERS = _from_transformers(own=True)
+# `mlp.experts.gate_up_proj` -> (gate, up): parameters holding several checkpoint tensors, concatenated on dim 1
+_FUSED_PARTS = {hf: s for hf, s in _BLOCK_FROM_TRANSFORMERS.items() if len(s) > 1}
+
+
+# ---- the tensors a config implies ---------------------------------------------------------------------------------
 def _layer_kind(cfg: Step35Config, layer: int) -> str:
     if layer >= cfg.num_layers:
         return "out-of-range"
@@ -161,12 +227,12 @@ def _shape(cfg: Step35Config, layer: int | None, suffix: str, role: Role) -> tup
 def expected_tensors(cfg: Step35Config) -> list[TensorSpec]:
     """Every tensor the config implies, trunk then MTP, with shapes and the checkpoint's dtypes."""
     specs = []
-    for name, role in GLOBAL_TENSORS.items():
-        specs.append(TensorSpec(TensorInfo(name, role), _shape(cfg, None, name, role), "BF16"))
+    for name, row in GLOBAL_TENSORS.items():
+        specs.append(TensorSpec(TensorInfo(name, row.role), _shape(cfg, None, name, row.role), "BF16"))
     for layer in range(cfg.num_layers):
-        for suffix, (role, where) in LAYER_TENSORS.items():
-            if _layer_has(cfg, layer, where):
-                info = TensorInfo(f"model.layers.{layer}.{suffix}", role, layer, cfg.is_mtp(layer))
-                dtype = "F32" if role is Role.ROUTER_BIAS else "BF16"
-                specs.append(TensorSpec(info, _shape(cfg, layer, suffix, role), dtype))
+        for suffix, row in LAYER_TENSORS.items():
+            if _layer_has(cfg, layer, row.layers):
+                info = TensorInfo(f"model.layers.{layer}.{suffix}", row.role, layer, cfg.is_mtp(layer))
+                dtype = "F32" if row.role is Role.ROUTER_BIAS else "BF16"
+                specs.append(TensorSpec(info, _shape(cfg, layer, suffix, row.role), dtype))
     return specs
