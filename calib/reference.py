@@ -66,6 +66,19 @@ class MtpLayer(nn.Module):
         return head.output(head.norm(hidden))
 
 
+def mtp_rope_problem(layer_types: list[str], per_layer: dict, mtp_layers) -> str | None:
+    """Why the MTP layers cannot run with the trunk's sliding-attention RoPE table, as this forward (like the
+    engines) runs them, or None. `per_layer`: rope_theta / partial_rotary_factors, per-layer lists or one value."""
+    for i in mtp_layers:
+        if layer_types[i] != "sliding_attention":
+            return f"MTP layer {i} is {layer_types[i]}; only sliding_attention is supported"
+        first_swa = layer_types.index("sliding_attention")
+        for key, vals in per_layer.items():
+            if isinstance(vals, list) and vals[i] != vals[first_swa]:
+                return f"{key}[{i}] = {vals[i]} differs from the trunk's sliding layers"
+    return None
+
+
 class ReferenceModel(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
@@ -75,15 +88,9 @@ class ReferenceModel(nn.Module):
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         n, k = cfg["num_hidden_layers"], cfg.get("num_nextn_predict_layers", 0)
         mtp_config = text_config(cfg, with_mtp=True)
-        for i in range(n, n + k):
-            # MTP layers reuse the trunk's sliding-attention RoPE table; refuse configs where that would be wrong.
-            if mtp_config.layer_types[i] != "sliding_attention":
-                raise ValueError(f"MTP layer {i} is {mtp_config.layer_types[i]}; only sliding_attention is supported")
-            first_swa = self.config.layer_types.index("sliding_attention")
-            for key in ("rope_theta", "partial_rotary_factors"):
-                vals = cfg.get(key)
-                if isinstance(vals, list) and vals[i] != vals[first_swa]:
-                    raise ValueError(f"{key}[{i}] = {vals[i]} differs from the trunk's sliding layers")
+        rope = {key: cfg.get(key) for key in ("rope_theta", "partial_rotary_factors")}
+        if problem := mtp_rope_problem(mtp_config.layer_types, rope, range(n, n + k)):
+            raise ValueError(problem)
         self.mtp = nn.ModuleList(MtpLayer(mtp_config, i) for i in range(n, n + k))
         # None disables the window (tests use this to show it matters).
         self.sliding_window = self.config.sliding_window

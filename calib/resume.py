@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from convert.provenance import digest, versions
 
 log = logging.getLogger("stepq.calibrate")
 LEDGER_VERSION = 2  # 2: the common ledger (1: calibration's own progress.jsonl)
+ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: torch.dtype, spill_bytes: int,
@@ -93,11 +95,24 @@ class LayerCheckpoints:
         chain = []
         while self._stages.intact(_stats(len(chain)), self._key):
             chain.append(len(chain))
-        while chain and not self._stages.intact(_act(chain[-1]), self._key):
+        while chain and not (self._stages.intact(_act(chain[-1]), self._key) and self._activations(chain[-1])):
             chain.pop()
         if len(chain) < recorded:
             log.warning("%s: %d of %d finished layers intact; redoing the rest", self.dir, len(chain), recorded)
         return chain
+
+    def _activations(self, layer: int) -> tuple[list[int], torch.dtype] | None:
+        """(shape, dtype) of `layer`'s recorded output when they describe its file exactly, else None (redo it)."""
+        rec = self._stages.ledger.units[_act(layer)]
+        shape, dtype = rec.get("shape"), ACTIVATION_DTYPES.get(rec.get("dtype"))
+        size = (rec["outputs"].get(f"{_act(layer)}.bin") or {}).get("size")
+        if (dtype is None or not isinstance(shape, list) or len(shape) != 3
+                or not all(type(d) is int and 0 < d < 2**40 for d in shape)
+                or math.prod(shape) * dtype.itemsize != size):
+            log.warning("%s: the record of %s does not describe its file; redoing it", self._stages.ledger.path,
+                        _act(layer))
+            return None
+        return shape, dtype
 
     def _keep_only(self, chain: list[int]) -> None:
         """Remove what `chain` does not use: later layers, temporary and spilled files of a killed run."""
@@ -115,9 +130,8 @@ class LayerCheckpoints:
         for n in self._chain:
             self._collector.restore_state(load_file(self.dir / f"{_stats(n)}.safetensors"))
         last = self._chain[-1]
-        rec = self._stages.ledger.units[_act(last)]
-        output = Activations(rec["shape"], getattr(torch, rec["dtype"]), spill_bytes,
-                             file=self.dir / f"{_act(last)}.bin", create=False)
+        shape, dtype = self._activations(last)
+        output = Activations(shape, dtype, spill_bytes, file=self.dir / f"{_act(last)}.bin", create=False)
         log.info("resumed: %d layers reused from the interrupted run (%s); continuing at layer %d",
                  len(self._chain), self.dir, last + 1)
         return last, output

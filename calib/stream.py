@@ -29,7 +29,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
     Step3p7RotaryEmbedding,
 )
 
-from calib.reference import MtpLayer, from_checkpoint_names, text_config
+from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
 from convert.errors import BadInput
 from convert.durable import replace_durably, write_atomic
@@ -175,14 +175,9 @@ def build_layer(ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> tuple[nn.Mo
 def _check_mtp_rope(cfg) -> None:
     """MTP layers run with the trunk's sliding-attention RoPE table (as in ReferenceModel): refuse configs where
     that would be wrong."""
-    if not cfg.mtp_layers:
-        return
-    first_swa = cfg.layer_types.index("sliding_attention")
-    for i in cfg.mtp_layers:
-        if cfg.layer_types[i] != "sliding_attention" or (cfg.rope_theta[i], cfg.partial_rotary_factors[i]) != (
-                cfg.rope_theta[first_swa], cfg.partial_rotary_factors[first_swa]):
-            raise BadInput(f"{cfg.path}: MTP layer {i} is not a sliding-attention layer with the trunk's sliding RoPE "
-                           f"(layer_types / rope_theta / partial_rotary_factors)")
+    per_layer = {"rope_theta": list(cfg.rope_theta), "partial_rotary_factors": list(cfg.partial_rotary_factors)}
+    if problem := mtp_rope_problem(list(cfg.layer_types), per_layer, cfg.mtp_layers):
+        raise BadInput(f"{cfg.path}: {problem}")
 
 
 class _Progress:

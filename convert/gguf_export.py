@@ -29,6 +29,8 @@ from convert.config import Step35Config
 from convert.errors import BadInput
 from convert.gguf_names import QT, ROPE_FREQS, ZERO_CENTRED_NORMS, PlannedTensor, gguf_name, storage_type
 from convert.gguf_vocab import add_tokenizer
+from quant.fast_common import all_finite
+from quant.mtp import in_gguf
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.STEP35]  # "step35"
 OUTTYPES: dict[str, QT] = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16, "Q8_0": QT.Q8_0}
@@ -74,11 +76,6 @@ def llama3_rope_factors(cfg: Step35Config) -> np.ndarray | None:
     return np.asarray(out, dtype=np.float32)
 
 
-# what a draft-only MTP GGUF keeps besides the MTP blocks (llama.cpp's `--mtp`, `conversion/step3.py`): the MTP
-# graph embeds with `token_embd` and falls back to `output` for a block without `shared_head_head`; the step35
-# loader requires `token_embd` and `output_norm` in every file (`src/models/step35.cpp`)
-DRAFT_SHARED = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-
 
 def plan_tensors(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp_only: bool = False
                  ) -> list[PlannedTensor]:
@@ -94,9 +91,7 @@ def plan_tensors(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp_
     if factors is not None:
         plan.append(PlannedTensor(ROPE_FREQS, factors.shape, QT.F32, None, "rope_freqs"))
     for t in sorted(ckpt.tensors.values(), key=lambda t: (t.shard, t.info.name)):
-        if t.info.mtp and not mtp:
-            continue
-        if mtp_only and not t.info.mtp and t.info.name not in DRAFT_SHARED:
+        if not in_gguf(t.info.role, t.info.layer, t.info.mtp, with_mtp=mtp, mtp_only=mtp_only):
             continue
         name = gguf_name(t.info)
         shape = tuple(t.entry.shape)
@@ -164,7 +159,7 @@ class StreamedTensor:
         written = 0
         if self.raw_copy:
             for block in self._blocks():
-                if not _all_finite(block):
+                if not all_finite(block):
                     raise BadInput(f"tensor {self.p.source}: contains NaN or Inf")
                 data = block.contiguous().view(torch.uint8).numpy()
                 fp.write(memoryview(data).cast("B"))
@@ -183,12 +178,6 @@ class StreamedTensor:
 
     def byteswap(self, inplace: bool = False):  # only called for big-endian output, which stepq never writes
         raise NotImplementedError
-
-
-def _all_finite(m: torch.Tensor) -> bool:
-    if m.dtype == torch.bfloat16:  # exponent bits all ones <=> Inf/NaN; cheaper than isfinite on bf16
-        return not bool(((m.view(torch.int16) & 0x7F80) == 0x7F80).any())
-    return bool(torch.isfinite(m).all())
 
 
 def _write(fp, data: np.ndarray) -> int:

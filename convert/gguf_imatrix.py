@@ -32,18 +32,14 @@ from typing import TYPE_CHECKING
 import gguf
 import numpy as np
 
-from convert.arch.step35 import (
-    EXPERT_ROLES,
-    LINEAR_ROLES,
-    Role,
-    TensorInfo,
-    expected_tensors,
-)
+from convert.arch.step35 import TensorInfo, expected_tensors
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import Step35Config
 from convert.durable import replace_durably
 from convert.errors import BadInput
 from convert.gguf_names import gguf_name
+from quant.mtp import in_gguf
+from quant.roles import EXPERT_ROLES, LINEAR_ROLES, Role
 
 if TYPE_CHECKING:
     from calib.stats import CalibStats
@@ -78,7 +74,7 @@ def imatrix_entries(stats: CalibStats, model: Checkpoint | Step35Config | str | 
     entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     missing: list[str] = []
     for info, shape in _weights(model):
-        if info.role not in MATMUL_ROLES or (info.mtp and not mtp):
+        if info.role not in MATMUL_ROLES or not in_gguf(info.role, info.layer, info.mtp, with_mtp=mtp):
             continue
         module = info.module
         if module not in have:

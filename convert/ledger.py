@@ -46,7 +46,7 @@ def read_records(path: Path) -> list[dict]:
     for line in text.splitlines():
         try:
             r = json.loads(line)
-        except ValueError:  # JSONDecodeError, and numbers too long to convert
+        except (ValueError, RecursionError):  # JSONDecodeError, numbers too long to convert, absurd nesting
             continue
         if isinstance(r, dict):
             records.append(r)
@@ -70,7 +70,7 @@ class Ledger:
         self.resumed = bool(records) and records[0] == header
         if self.resumed:
             for r in records[1:]:
-                if isinstance(r.get("unit"), str) and isinstance(r.get("outputs"), dict):
+                if _unit_record(r):
                     self.units[r["unit"]] = r
                 elif isinstance(r.get("memo"), str) and isinstance(r.get("key"), str):
                     self.memos[(r["memo"], r["key"])] = r.get("value")
@@ -126,6 +126,21 @@ class Ledger:
             self._fd = None
 
 
+def _unit_record(r: dict) -> bool:
+    """A record of the shape `Ledger.record` writes; anything else (a damaged or edited line) is ignored, so its
+    unit is redone."""
+    outputs = r.get("outputs")
+    return (isinstance(r.get("unit"), str) and (r.get("key") is None or isinstance(r.get("key"), str))
+            and isinstance(outputs, dict) and all(isinstance(v, (str, dict)) for v in outputs.values()))
+
+
+def file_name_ok(name: str) -> bool:
+    """A plain file name inside the job folder: what `Stages` writes, and all a record may name (a record is read
+    from disk: it must not point at, or delete, anything else)."""
+    return (name == Path(name).name and name not in ("", ".", "..") and "\0" not in name
+            and len(name.encode("utf-8", "surrogatepass")) <= 255)
+
+
 def file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
@@ -161,7 +176,12 @@ class Stages:
             log.info("%s: inputs or settings changed since the earlier run; doing it again", stage)
             return False
         for name in rec["outputs"] if names is None else names:
-            f, want = self.folder / name, rec["outputs"].get(name)
+            want = rec["outputs"].get(name)
+            if not file_name_ok(name):
+                log.warning("%s: the record of %s names %r, not a file of this folder; doing it again",
+                            self.ledger.path, stage, name)
+                return False
+            f = self.folder / name
             if want is None or not f.is_file() or file_record(f) != want:
                 log.warning("%s: damaged or missing (not what the earlier run recorded); doing %s again", f, stage)
                 return False
@@ -205,7 +225,7 @@ class Stages:
             if stage in self.ledger.units:
                 names = self.ledger.units[stage]["outputs"]
                 self.ledger.record(stage, None, {})
-                for name in names:
+                for name in filter(file_name_ok, names):
                     (self.folder / name).unlink(missing_ok=True)
 
     def _commit(self, stage: str, key: str, written: list[Path], extra: dict) -> list[Path]:

@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 import quant
-from convert.arch.step35 import EXPERT_ROLES, LINEAR_ROLES
+from convert.arch.step35 import vllm_names
 from convert.checkpoint import Checkpoint, SourceTensor
 from convert.config import model_file
 from convert.errors import BadInput
@@ -30,10 +30,12 @@ from convert.hub import TOKENIZER_FILES
 from convert.provenance import digest, peak_rss_mib, source_files, versions
 from convert.safetensors_io import DTYPES
 from convert.writer import ArtifactWriter, OutSpec
+from quant import mtp
 from quant.expert_inputs import FALLBACK_REASON, expert_input_amax
 from quant.fast_common import all_finite
 from quant.layouts import KeptModule
-from quant.recipe import Recipe, fused_group
+from quant.recipe import Recipe
+from quant.roles import EXPERT_ROLES, LINEAR_ROLES, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
 SOURCE_SHA256 = "source_sha256"  # progress-file memo kind: a resumed run does not hash the source shards again
@@ -122,8 +124,8 @@ class SourceReader:
         module = t.info.module
         if expert is None:
             return self.stats.input_amax(module)
-        return expert_input_amax(self.stats.input_amax(module, expert), self.stats.input_amax(module),
-                                 self.stats.tokens(module, expert))
+        return expert_input_amax(self.stats.input_amax(module, expert), self.stats.tokens(module, expert),
+                                 lambda: (self.stats.input_amax(module, e) for e in range(t.entry.shape[0])))
 
     def importance(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
         """Mean squared calibration input per input channel (the imatrix diagonal); None without statistics."""
@@ -331,9 +333,9 @@ def source_hashes(writer: ArtifactWriter, ckpt: Checkpoint) -> BackgroundHashes:
 def write_metadata(writer: ArtifactWriter, ckpt: Checkpoint, units: list[Unit], layout, recipe: Recipe) -> None:
     """config.json with the layout's quantization config (what stayed BF16, for the engines' ignore lists), the
     layout's extra files, and the tokenizer files, copied."""
-    kept = [KeptModule(u.members[0].info.module, u.members[0].info.role, u.members[0].info.mtp)
-            for u in units if not u.quantize and u.members[0].info.role in LINEAR_ROLES]
-    whole_mtp = list(ckpt.config.mtp_layers) if recipe.mtp == "keep" else []
+    kept = [KeptModule(t.info.module, t.info.role, t.info.mtp, tuple(vllm_names(t.info)))
+            for t in (u.members[0] for u in units if not u.quantize) if t.info.role in LINEAR_ROLES]
+    whole_mtp = mtp.layers_kept_whole(recipe.mtp, ckpt.config.mtp_layers)
     config = dict(ckpt.config.raw)
     config["quantization_config"] = layout.quantization_config(kept, whole_mtp)
     writer.write_json("config.json", config)

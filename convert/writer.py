@@ -255,7 +255,7 @@ class ArtifactWriter:
         rec = self._ledger.units.get(unit) if self._ledger is not None else None
         if rec is None:
             return False
-        if rec["key"] != key or sorted(rec["outputs"]) != sorted(outputs):
+        if rec.get("key") != key or sorted(rec["outputs"]) != sorted(outputs):
             log.info("%s: inputs or settings changed since the earlier run; converting it again", unit)
             return False
         for name in outputs:

@@ -8,15 +8,18 @@ per-expert statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 FALLBACK_REASON = "no calibration tokens; input scale from the max over the layer's experts"
 
 
-def expert_input_amax(own: torch.Tensor, layer_max: torch.Tensor, tokens: int) -> torch.Tensor:
+def expert_input_amax(own: torch.Tensor, tokens: int, siblings: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
     """The input absmax an expert's static scale is computed from: its own (`own`, over `tokens` calibration
-    tokens) when it saw any, else `layer_max`, the max over the layer's experts of the same projection."""
-    return own if tokens > 0 else layer_max
+    tokens) when it saw any, else the max of `siblings()`, the input absmaxes of every expert of the same layer and
+    projection (asked for only then: 288 per stack on the real model)."""
+    return own if tokens > 0 else torch.stack(list(siblings())).amax()
 
 
 def without_tokens(tokens: list[int]) -> list[int]:

@@ -41,44 +41,17 @@ class KeptModule:
     module: str
     role: str
     mtp: bool
-    runtime_names: tuple[str, ...] = ()
+    runtime_names: tuple[str, ...]
 
     @property
     def ignore_names(self) -> list[str]:
-        return list(self.runtime_names) or _runtime_names_by_suffix(self.module, self.mtp)
+        return list(self.runtime_names)
 
 
 def expert_module(stack_module: str, expert: int) -> str:
     """`model.layers.L.moe.gate_proj` -> `model.layers.L.moe.experts.<e>.gate_proj` (vLLM's per-expert names)."""
     head, proj = stack_module.rsplit(".", 1)
     return f"{head}.experts.{expert}.{proj}"
-
-
-# Transitional, for callers that build KeptModule without runtime_names (convert/safetensors_export.py until it
-# passes convert.arch.step35.vllm_names): the same names, by suffix. tests/convert/test_name_maps.py holds it equal to
-# the table; delete it with that caller's change.
-_FUSED_BY_SUFFIX = {
-    "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
-    "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
-    "share_expert.gate_proj": "share_expert.gate_up_proj", "share_expert.up_proj": "share_expert.gate_up_proj",
-}
-
-
-def _runtime_names_by_suffix(module: str, mtp: bool) -> list[str]:
-    names = [module]
-    m = _LAYER_MODULE.match(module)
-    if not m:
-        return names
-    layer, rest = m.groups()
-    fused = _FUSED_BY_SUFFIX.get(rest)
-    if fused:
-        names.append(f"{layer}.{fused}")
-    if mtp:
-        if rest == "transformer.shared_head.output":
-            names.append(f"{layer}.shared_head.head")
-        elif rest.startswith(("self_attn.", "mlp.")):
-            names += [f"{layer}.mtp_block.{r}" for r in (rest, fused) if r]
-    return list(dict.fromkeys(names))
 
 
 def _in_layers(module: str, layers: list[int]) -> bool:

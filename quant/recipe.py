@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from quant import mtp as mtp_rule
 from quant.layouts import LAYOUTS
-from quant.roles import FUSED_GROUPS, LINEAR_ROLES, Role, fused_group  # fused_group: callers take it from here
+from quant.roles import FUSED_GROUPS, LINEAR_ROLES, Role
 
 SCHEMES = tuple(LAYOUTS)
 # Never quantized: vLLM builds the router unquantized in fp32; norms, embeddings and heads stay high precision.

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from calib.data import FIXTURE_DATA
 from convert.hub import pull
 from stepq.cli import main
 
@@ -166,3 +167,30 @@ def test_calibrate_then_quantize_reuses_matching_statistics(bundled_fixture, tmp
     code, _, err = run("quantize", bundled_fixture, "--scheme", "nvfp4", *common[:2], "--num-samples", "5",
                        "--seq-len", "128", "--force")
     assert code == 0 and "reusing" not in err and stats.stat().st_mtime_ns != mtime  # changed settings recompute
+
+
+@pytest.mark.parametrize("scheme, flags, refused", [
+    ("gguf", ["--recipe", "r.yaml"], "--recipe: does not apply to --scheme gguf (its recipe is --qtype)"),
+    ("gguf", ["--method", "search", "--allow-nonfinite"],
+     "--method, --allow-nonfinite: do not apply to --scheme gguf (its recipe is --qtype)"),
+    ("gguf", ["--stats", "s.safetensors"],
+     "--stats: does not apply to --scheme gguf without --imatrix (no calibration is used)"),
+    ("fp8-block", ["--qtype", "Q4_K_M"], "--qtype: does not apply to --scheme fp8-block (GGUF only)"),
+    ("nvfp4", ["--no-mtp", "--imatrix"], "--no-mtp, --imatrix: do not apply to --scheme nvfp4 (GGUF only)"),
+    ("nvfp4a16", ["--mtp-only"], "--mtp-only: does not apply to --scheme nvfp4a16 (GGUF only)"),
+    ("fp8-dynamic", ["--num-samples", "8", "--all-experts"],
+     "--num-samples, --all-experts: do not apply to --scheme fp8-dynamic with --method rtn (data-free)"),
+])
+def test_flags_that_do_not_apply_are_refused(random_ckpt, tmp_path, capsys, scheme, flags, refused):
+    """Silently ignoring them would let a user believe e.g. an NVFP4 artifact dropped its MTP head."""
+    assert main(["quantize", str(random_ckpt), "--scheme", scheme, "--out", str(tmp_path), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"stepq: error: {refused}"]
+    assert list(tmp_path.iterdir()) == [random_ckpt]  # nothing written beside the source
+
+
+def test_flags_that_apply_are_accepted(bundled_fixture, tmp_path):
+    """The same flags where they mean something: calibration for a search, --num-samples with it."""
+    assert main(["quantize", str(bundled_fixture), "--scheme", "nvfp4a16", "--method", "search", "--num-samples", "2",
+                 "--seq-len", "32", "--dataset", str(FIXTURE_DATA), "--out", str(tmp_path)]) == 0
+    prov = json.loads((tmp_path / "tiny-step35-NVFP4A16" / "stepq.json").read_text())
+    assert prov["method"] == "search" and prov["calibration"]["settings"]["n"] == 2

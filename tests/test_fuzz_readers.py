@@ -786,11 +786,8 @@ def test_fuzzed_input_is_read_or_refused_in_one_line_naming_the_file(readers, re
     assert tally.bad_input > tally.cases // 4 and tally.ok > 0, _report(reader, tally)
 
 
-# The ledgers' consumers (convert/writer.py, convert/ledger.py, calib/resume.py) were being merged when this was
-# written; what the fuzzer found there is reported in issue 14 rather than fixed here. Strict: the mark goes once the
-# readers pass.
-@pytest.mark.xfail(strict=True, reason="ledger consumers raise TypeError/KeyError/OverflowError/... on malformed "
-                                       "records (issue 14)")
+# The ledgers are read by every resumable job: a damaged or edited record must make its unit be redone (or be
+# refused in one line), never crash the resume, point outside the job folder, or resume from garbage.
 def test_fuzzed_ledgers_are_read_or_refused_in_one_line(tmp_path, one_thread):
     make, check, names = ledger_cases(tmp_path)
     tally = Tally()

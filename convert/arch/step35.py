@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from convert.config import Step35Config
 from convert.errors import BadInput
-from quant.roles import EXPERT_ROLES, LINEAR_ROLES, Role  # EXPERT_/LINEAR_ROLES: callers take them from here
+from quant.roles import Role
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from convert.arch.step35 import (
 from convert.config import parse_config
 from convert.fixtures import fixture_config
 from quant import mtp
-from quant.layouts import KeptModule, _runtime_names_by_suffix
 from quant.recipe import QUANTIZABLE_ROLES, Recipe
-from quant.roles import LINEAR_ROLES, MTP_OWN_ROLES, Role
+from quant.roles import MTP_OWN_ROLES, Role
 
 
 def _fixture_cfg():
@@ -73,18 +72,6 @@ def test_vllm_names_of_mtp_modules_are_the_drafters(real_config):
     assert vllm_names(classify("model.layers.46.eh_proj.weight", cfg)) == ["model.layers.46.eh_proj"]
     assert vllm_names(classify("model.layers.3.share_expert.up_proj.weight", cfg)) == [
         "model.layers.3.share_expert.up_proj", "model.layers.3.share_expert.gate_up_proj"]
-
-
-def test_vllm_names_equal_what_the_layouts_derived_by_suffix(real_config):
-    """KeptModule without runtime_names falls back to the layouts' old suffix rules (until every caller passes the
-    table's names): both must name every linear of the real model alike."""
-    cfg = parse_config(real_config, Path("config.json"))
-    linears = [s.info for s in expected_tensors(cfg) if s.info.role in LINEAR_ROLES]
-    assert len(linears) > 500
-    for info in linears:
-        assert vllm_names(info) == _runtime_names_by_suffix(info.module, info.mtp), info.name
-        kept = KeptModule(info.module, info.role, info.mtp, tuple(vllm_names(info)))
-        assert kept.ignore_names == KeptModule(info.module, info.role, info.mtp).ignore_names
 
 
 def test_the_table_marks_the_mtp_layers_own_tensors():
