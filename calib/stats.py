@@ -26,9 +26,10 @@ from safetensors.torch import save_file
 
 from calib.data import open_source, resolve_settings
 from convert.config import Step35Config
+from convert.durable import WriteFailed, replace_durably
 from convert.errors import BadInput
 from convert.hashing import file_sha256
-from convert.durable import WriteFailed, replace_durably
+from convert.provenance import hub_blob_sha256
 
 if TYPE_CHECKING:
     from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
@@ -95,7 +96,9 @@ class StatsCollector:
 
     def module_name(self, ref_name: str) -> str:
         """ReferenceModel module name -> checkpoint module name (`mlp.shared_experts.x` -> `share_expert.x`, ...)."""
-        from calib.reference import to_checkpoint_names  # transformers' model code: seconds to import, only here
+        from calib.reference import (
+            to_checkpoint_names,  # transformers' model code: seconds to import, only here
+        )
 
         (name,) = to_checkpoint_names({ref_name + ".weight": None}, self.config.raw)
         return name.removesuffix(".weight")
@@ -110,7 +113,10 @@ class StatsCollector:
         self.acc[name].add(reduced if reduced is not None else _reduce(x), expert)
 
     def attach(self, module: nn.Module, prefix: str, layer: int) -> None:
-        from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
+        from transformers.models.step3p7.modeling_step3p7 import (
+            Step3p7Experts,
+            Step3p7TopKRouter,
+        )
 
         for path, m in module.named_modules():
             if path.endswith("shared_head.output"):
@@ -203,7 +209,7 @@ class StatsCollector:
 
 def _shard_identity(path: Path) -> dict:
     st = path.stat()
-    cheap = st.st_size <= CHEAP_HASH_BYTES or (path.is_symlink() and path.resolve().parent.name == "blobs")
+    cheap = st.st_size <= CHEAP_HASH_BYTES or hub_blob_sha256(path) is not None  # a Hub blob's name is its hash
     return {"size": st.st_size, "sha256": file_sha256(path)} if cheap else {"size": st.st_size,
                                                                               "mtime_ns": st.st_mtime_ns}
 

@@ -29,10 +29,15 @@ from transformers.models.step3p7.modeling_step3p7 import (
     Step3p7RotaryEmbedding,
 )
 
-from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
+from calib.reference import (
+    MtpLayer,
+    from_checkpoint_names,
+    mtp_rope_problem,
+    text_config,
+)
 from convert.checkpoint import Checkpoint
-from convert.errors import BadInput
 from convert.durable import replace_durably, write_atomic
+from convert.errors import BadInput
 
 SPILL_BYTES = 4 << 30           # activations above this go to disk
 MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch

@@ -20,8 +20,8 @@ from quant.layouts import layout_for
 class ArtifactReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.provenance = _read_json(self.path / "stepq.json")
-        index = _read_json(self.path / INDEX_NAME)
+        self.provenance = read_json_object(self.path / "stepq.json")
+        index = read_json_object(self.path / INDEX_NAME)
         prov = self.path / "stepq.json"
         self.scheme = self.provenance.get("scheme")
         self.decisions: dict[str, dict] = self.provenance.get("tensors")
@@ -96,7 +96,8 @@ class ArtifactReader:
             f.close()
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """An artifact's JSON file (stepq.json, the index) as a dict, or a one-line BadInput naming it."""
     try:
         obj = json.loads(path.read_text())
     # ValueError: bad JSON, bad UTF-8, an integer literal past Python's digit limit; RecursionError: deep nesting

@@ -13,8 +13,15 @@ from pathlib import Path
 import torch
 
 from convert.arch.step35 import TensorInfo, classify, expected_tensors
-from convert.config import SIDE_FILES, Step35Config, load_config, model_file, model_roots
+from convert.config import (
+    SIDE_FILES,
+    Step35Config,
+    load_config,
+    model_file,
+    model_roots,
+)
 from convert.errors import BadInput
+from convert.provenance import file_identity
 from convert.safetensors_io import Entry, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,12 +60,7 @@ class Checkpoint:
     def shard_identity(self, shard: str) -> dict:
         """What says a shard is unchanged without reading it: a Hub cache blob is named by its sha256; a plain file
         by its size, modification time and header hash (what a resumed run compares)."""
-        path, f = self.dir / shard, self.shards[shard]
-        real = path.resolve()
-        if path.is_symlink() and real.parent.name == "blobs" and len(real.name) == 64:
-            return {"sha256": real.name}
-        st = path.stat()
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": f.header_sha256}
+        return file_identity(self.dir / shard, self.shards[shard].header_sha256)
 
     def close(self) -> None:
         for f in self.shards.values():

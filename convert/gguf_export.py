@@ -5,7 +5,7 @@ Output is identical, key for key and tensor for tensor, to llama.cpp's own conve
 names, order, shapes, types and bytes. tests/test_gguf.py checks that against the converter itself.
 
 Types written here are those gguf-py quantizes (F32, F16, BF16, Q8_0; byte-identical to `llama-quantize`); K- and
-IQ-quants are made from a BF16 file by `llama-quantize` (see `stepq/gguf.py`).
+IQ-quants are made from a BF16 file by `llama-quantize` (see `convert/gguf_job.py`).
 
 Memory: a tensor is converted in row blocks (3-D expert stacks one expert at a time) while GGUFWriter writes it,
 so peak memory is one block, whatever the model size.
@@ -27,7 +27,14 @@ import torch
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import Step35Config
 from convert.errors import BadInput
-from convert.gguf_names import QT, ROPE_FREQS, ZERO_CENTRED_NORMS, PlannedTensor, gguf_name, storage_type
+from convert.gguf_names import (
+    QT,
+    ROPE_FREQS,
+    ZERO_CENTRED_NORMS,
+    PlannedTensor,
+    gguf_name,
+    storage_type,
+)
 from convert.gguf_vocab import add_tokenizer
 from quant.fast_common import all_finite
 from quant.mtp import in_gguf

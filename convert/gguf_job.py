@@ -20,23 +20,38 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 
-from calib.stats import CalibStats
 from convert.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from convert.config import SIDE_FILES, model_name
+from convert.durable import AtomicDir
 from convert.errors import BadInput
 from convert.gguf_export import GGUFExport, describe_gguf, write_gguf
 from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
-from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
-from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
+from convert.gguf_recipe import (
+    DIRECT_TYPES,
+    GGUFRecipe,
+    block_size,
+    fallback_type,
+    recipe_for,
+    supported_qtypes,
+)
+from convert.gguf_tools import (
+    LLAMA_CPP_PYTHON_VERSION,
+    gguf_split,
+    llama_quantize,
+    tool,
+)
 from convert.hashing import BackgroundHashes, file_sha256
+from convert.ledger import Stages
 from convert.lock import OutputLock
 from convert.provenance import digest, peak_rss_mib, source_files, versions
-from convert.ledger import Stages
-from convert.durable import AtomicDir
+
+if TYPE_CHECKING:
+    from calib.stats import CalibStats
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
@@ -60,7 +75,7 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
     `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`); `mtp_only=True` writes the draft-only MTP GGUF
     into `out_root/<model>-GGUF-<QTYPE>-MTP` instead (llama.cpp's `--mtp`). Files above `max_shard_bytes`
     (default 45 GB) are split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools
-    (`make llama-cpp`). `imatrix`: calibration statistics (`CalibStats` or its file); K/IQ types are then
+    (`make llama-cpp`). `imatrix`: loaded calibration statistics (`calib.stats.CalibStats`); K/IQ types are then
     quantized with the llama.cpp importance matrix written from them (`convert.gguf_imatrix`), the same
     calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS, ...) require it.
 
@@ -82,8 +97,6 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
             recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else (), imatrix=imatrix is not None,
                                 n_embd=ckpt.config.hidden_size, mtp_only=mtp_only)
             tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
-        if recipe is not None and imatrix is not None and not isinstance(imatrix, CalibStats):
-            imatrix = CalibStats.load(imatrix)
         out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
         job = _Job(ckpt, qtype, recipe, imatrix if recipe is not None else None, mtp, mtp_only,
                    f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}",
@@ -127,7 +140,7 @@ class _Job:
     ckpt: Checkpoint
     qtype: str
     recipe: GGUFRecipe | None
-    imatrix: CalibStats | None
+    imatrix: CalibStats | None  # calib.stats.CalibStats, loaded by the caller (convert does not import calib)
     mtp: bool
     mtp_only: bool
     stem: str  # output file name without .gguf

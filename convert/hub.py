@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 from convert.checkpoint import open_checkpoint
 from convert.config import SIDE_FILES
+from convert.durable import replace_durably
 from convert.errors import BadInput
 from convert.hashing import file_sha256
-from convert.durable import replace_durably
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile

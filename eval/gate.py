@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from convert.artifact import read_json_object
 from convert.durable import write_atomic
 from convert.errors import BadInput
 from convert.hashing import file_sha256
@@ -303,13 +304,7 @@ def read_provenance(artifact: Path) -> dict:
     """The artifact's stepq.json, checked for the types of what the gate and the model card read from it (publish
     uploads only what the gate judged, so it meets the file checked here)."""
     path = artifact / "stepq.json"
-    try:
-        prov = json.loads(path.read_text())
-    # ValueError: bad JSON, bad UTF-8, an integer literal past Python's digit limit; RecursionError: deep nesting
-    except (OSError, ValueError, RecursionError) as e:
-        raise BadInput(f"{path}: not a stepq artifact ({e.__class__.__name__})")
-    if not isinstance(prov, dict):
-        raise BadInput(f"{path}: not a stepq artifact (not a JSON object)")
+    prov = read_json_object(path)
     expect = {"variant": str, "scheme": str, "qtype": str, "method": str, "source": dict, "recipe": dict,
               "versions": dict, "tensors": dict, "files": dict, "mtp_layers": list}
     for key, kind in expect.items():

@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 from calib.data import FIXTURE_DATA, defaults_for, load_calibration, load_tokenizer
 from convert.checkpoint import Checkpoint
 from convert.config import model_name
+from convert.durable import replace_durably
 from convert.errors import BadInput
 from convert.gguf_export import read_gguf
 from convert.hashing import file_sha256
-from convert.durable import replace_durably
-from convert.provenance import digest, versions
 from convert.ledger import TEMP_MARK, Stages
+from convert.provenance import digest, versions
 from eval import forward
 from eval.metrics import mtp_acceptance, token_stats
 from eval.schema import REPORT_DIR, SCHEMA, not_measured
@@ -85,14 +85,12 @@ def artifact_stats(artifact: Path) -> dict[str, tuple[int, int]]:
 def _source_key(source: Checkpoint, ids: torch.Tensor) -> str:
     from calib.stats import model_fingerprint
 
-    blob = json.dumps({"model": model_fingerprint(source.dir), "ids": _ids_sha(ids)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"model": model_fingerprint(source.dir), "ids": _ids_sha(ids)})[:16]
 
 
 def _reference_key(source: Checkpoint, ids: torch.Tensor) -> str:
     """The source and tokens, and the code computing the reference (the forward is transformers' Step-3.5 layers)."""
-    forward_code = {k: v for k, v in versions(*EVAL_TOOLS).items() if k in ("stepq", "torch", "transformers")}
-    return digest({"source": _source_key(source, ids), "forward": forward_code})[:16]
+    return digest({"source": _source_key(source, ids), "forward": versions("stepq", "torch", "transformers")})[:16]
 
 
 def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, progress: bool) -> forward.Outputs:

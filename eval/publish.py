@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convert.errors import BadInput
 from convert.durable import write_atomic
+from convert.errors import BadInput
 from eval.gate import CARD, artifact_files, diff_files
 from eval.schema import GATE_JSON, REPORT_DIR
 

@@ -9,6 +9,7 @@ import sys
 
 from convert.errors import BadInput
 
+
 def _cmd_inspect(args) -> int:
     from convert.checkpoint import open_checkpoint
     from convert.hub import resolve_model
@@ -86,7 +87,7 @@ def _cmd_quantize(args) -> int:
 
         imatrix = None
         if args.imatrix:
-            imatrix = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
+            imatrix = CalibStats.load(args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args)))
         out = export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
                           max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision,
                           imatrix=imatrix, mtp_only=args.mtp_only)
@@ -125,7 +126,12 @@ def _size(text: str) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm
+    from eval.vllm_conformance import (
+        VllmEnvError,
+        ensure_vllm_env,
+        summary,
+        verify_vllm,
+    )
 
     try:
         ensure_vllm_env()

@@ -11,18 +11,18 @@ the artifact folder. One eval per artifact at a time (`convert.lock`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+from convert.artifact import read_json_object
 from convert.checkpoint import open_checkpoint
 from convert.durable import fsync_path, swap_in
 from convert.errors import BadInput, WriteFailed
-from convert.lock import OutputLock
 from convert.ledger import TEMP_MARK
-from eval.measure import artifact_stats, artifact_files, check_gguf_files, measure
+from convert.lock import OutputLock
+from eval.measure import artifact_files, artifact_stats, check_gguf_files, measure
 from eval.report import write_report
 from eval.schema import REPORT_DIR
 
@@ -34,12 +34,7 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
     """Evaluate `artifact` against the BF16 checkpoint in `model`; returns ARTIFACT/eval/report.json. Resumes what
     an interrupted eval of the same artifact finished, unless `force`."""
     artifact, model_dir, out_root = Path(artifact), Path(model), Path(out_root)
-    try:
-        provenance = json.loads((artifact / "stepq.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{artifact / 'stepq.json'}: not a stepq artifact ({e.__class__.__name__})")
-    if not isinstance(provenance, dict):
-        raise BadInput(f"{artifact / 'stepq.json'}: not a stepq artifact (not a JSON object)")
+    provenance = read_json_object(artifact / "stepq.json")
     is_gguf = any(artifact.glob("*.gguf"))
     timings: dict[str, float] = {}
     t0 = time.time()

@@ -18,8 +18,18 @@ from convert.errors import BadInput
 from convert.executor import Executor, LocalExecutor
 from convert.lock import OutputLock
 from convert.safetensors_export import (
-    SourceReader, activation_fallbacks, load_recipe, plan_outputs, plan_units, provenance, settings_digest,
-    source_hashes, unit_key, variant_name, write_metadata, write_units,
+    SourceReader,
+    activation_fallbacks,
+    load_recipe,
+    plan_outputs,
+    plan_units,
+    provenance,
+    settings_digest,
+    source_hashes,
+    unit_key,
+    variant_name,
+    write_metadata,
+    write_units,
 )
 from convert.writer import ArtifactWriter, OutSpec
 from quant.layouts import NEEDS_ACTIVATION_STATS, layout_for
