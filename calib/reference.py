@@ -15,11 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from transformers.models.step3p7.configuration_step3p7 import Step3p7TextConfig
-from transformers.models.step3p7.modeling_step3p7 import (
-    Step3p7DecoderLayer,
-    Step3p7RMSNorm,
-    Step3p7TextModel,
-)
+from transformers.models.step3p7.modeling_step3p7 import Step3p7DecoderLayer, Step3p7RMSNorm, Step3p7TextModel
 
 from convert.arch.step35 import checkpoint_names, transformers_name
 

@@ -113,10 +113,7 @@ class StatsCollector:
         self.acc[name].add(reduced if reduced is not None else _reduce(x), expert)
 
     def attach(self, module: nn.Module, prefix: str, layer: int) -> None:
-        from transformers.models.step3p7.modeling_step3p7 import (
-            Step3p7Experts,
-            Step3p7TopKRouter,
-        )
+        from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
 
         for path, m in module.named_modules():
             if path.endswith("shared_head.output"):

@@ -23,18 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers.models.step3p7.modeling_step3p7 import (
-    Step3p7DecoderLayer,
-    Step3p7RMSNorm,
-    Step3p7RotaryEmbedding,
-)
+from transformers.models.step3p7.modeling_step3p7 import Step3p7DecoderLayer, Step3p7RMSNorm, Step3p7RotaryEmbedding
 
-from calib.reference import (
-    MtpLayer,
-    from_checkpoint_names,
-    mtp_rope_problem,
-    text_config,
-)
+from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
 from convert.durable import replace_durably, write_atomic
 from convert.errors import BadInput

@@ -13,13 +13,7 @@ from pathlib import Path
 import torch
 
 from convert.arch.step35 import TensorInfo, classify, expected_tensors
-from convert.config import (
-    SIDE_FILES,
-    Step35Config,
-    load_config,
-    model_file,
-    model_roots,
-)
+from convert.config import SIDE_FILES, Step35Config, load_config, model_file, model_roots
 from convert.errors import BadInput
 from convert.provenance import file_identity
 from convert.safetensors_io import Entry, SafetensorsFile

@@ -27,14 +27,7 @@ import torch
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import Step35Config
 from convert.errors import BadInput
-from convert.gguf_names import (
-    QT,
-    ROPE_FREQS,
-    ZERO_CENTRED_NORMS,
-    PlannedTensor,
-    gguf_name,
-    storage_type,
-)
+from convert.gguf_names import QT, ROPE_FREQS, ZERO_CENTRED_NORMS, PlannedTensor, gguf_name, storage_type
 from convert.gguf_vocab import add_tokenizer
 from quant.fast_common import all_finite
 from quant.mtp import in_gguf

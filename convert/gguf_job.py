@@ -31,20 +31,8 @@ from convert.errors import BadInput
 from convert.gguf_export import GGUFExport, describe_gguf, write_gguf
 from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
-from convert.gguf_recipe import (
-    DIRECT_TYPES,
-    GGUFRecipe,
-    block_size,
-    fallback_type,
-    recipe_for,
-    supported_qtypes,
-)
-from convert.gguf_tools import (
-    LLAMA_CPP_PYTHON_VERSION,
-    gguf_split,
-    llama_quantize,
-    tool,
-)
+from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
+from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
 from convert.hashing import BackgroundHashes, file_sha256
 from convert.ledger import Stages
 from convert.lock import OutputLock

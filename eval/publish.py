@@ -125,11 +125,7 @@ def publish(artifact: str | Path, repo_id: str, revision: str | None = None, dry
         return PublishResult(plan, dry_run=True, lines=["dry run: nothing is sent or written"] + plan.lines())
 
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalTokenNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
 
     api = HfApi(endpoint=endpoint)  # token: HF_TOKEN or the stored login, resolved inside huggingface_hub
     ops = []

@@ -18,13 +18,7 @@ from typing import TYPE_CHECKING
 
 import stepq
 from calib.data import load_calibration, resolve_settings
-from calib.stats import (
-    FORMAT_VERSION,
-    CalibStats,
-    StatsCollector,
-    model_fingerprint,
-    save_stats,
-)
+from calib.stats import FORMAT_VERSION, CalibStats, StatsCollector, model_fingerprint, save_stats
 from convert.checkpoint import open_checkpoint
 from convert.config import model_name
 from convert.errors import BadInput, WriteFailed
@@ -109,12 +103,7 @@ def _failed(e: BaseException, out: Path, checkpoints: LayerCheckpoints, created:
 def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, dataset, n, seq_len, seed, all_experts,
                force, dtype, spill_bytes, micro_batch_tokens, progress) -> Path:
     from calib.resume import run_key
-    from calib.stream import (  # see calibrate()
-        MICRO_BATCH_TOKENS,
-        SPILL_BYTES,
-        compute_dtype_for,
-        stream_forward,
-    )
+    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, compute_dtype_for, stream_forward  # see calibrate()
 
     t0 = time.time()
     dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)

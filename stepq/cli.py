@@ -126,12 +126,7 @@ def _size(text: str) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from eval.vllm_conformance import (
-        VllmEnvError,
-        ensure_vllm_env,
-        summary,
-        verify_vllm,
-    )
+    from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm
 
     try:
         ensure_vllm_env()

@@ -556,11 +556,7 @@ class Readers:
 
 def build_readers(root: Path) -> Readers:
     """Write every template under `root` and register the readers' case makers."""
-    from convert.fixtures import (
-        BUNDLED_FIXTURE,
-        fixture_config,
-        write_random_checkpoint,
-    )
+    from convert.fixtures import BUNDLED_FIXTURE, fixture_config, write_random_checkpoint
 
     R = Readers(root)
     R.st_raw = _small_safetensors()
