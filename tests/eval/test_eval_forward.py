@@ -65,8 +65,10 @@ def test_w4a4_adds_activation_error_and_keeps_mtp(variants, bundled_fixture, ids
     kl_a16 = token_stats(ref.logits, a16.logits, ids)["kld"]["mean"]
     kl_w4a4 = token_stats(ref.logits, w4a4.logits, ids)["kld"]["mean"]
     print(f"KLD nvfp4a16 {kl_a16:.2e}, nvfp4 (W4A4) {kl_w4a4:.2e}")
+    # measured on the bundled fixture: 1.2e-3 < 5.4e-3 (doubled expert scales measure > 0.05)
     assert 0 < kl_a16 < kl_w4a4 < 0.05
     same = token_stats(ref.logits, ref.logits, ids)
     assert same["kld"]["max"] == 0 and same["top1"] == 1 and same["ppl_ratio"] == 1
     acc_ref, acc_q = mtp_acceptance(ref.logits, ref.mtp_logits), mtp_acceptance(w4a4.logits, w4a4.mtp_logits)
+    # measured on the bundled fixture: BF16 0.467 / 0.417, W4A4 0.461 / 0.425
     assert len(acc_ref) == 2 and all(0.2 < a < 0.7 for a in acc_ref + acc_q), (acc_ref, acc_q)
