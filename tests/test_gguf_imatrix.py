@@ -227,8 +227,9 @@ def test_quant_gguf_with_imatrix_from_calibration(tmp_path):
     records the statistics it used; the result differs from the same type quantized without it."""
     from stepq.cli import main
 
-    common = ["--scheme", "gguf", "--qtype", "Q4_K_M", "--num-samples", "8", "--seq-len", "128"]
-    assert main(["quantize", str(BUNDLED_FIXTURE), *common, "--imatrix", "--out", str(tmp_path / "imx")]) == 0
+    common = ["--scheme", "gguf", "--qtype", "Q4_K_M"]
+    assert main(["quantize", str(BUNDLED_FIXTURE), *common, "--imatrix", "--num-samples", "8", "--seq-len", "128",
+                 "--out", str(tmp_path / "imx")]) == 0
     assert main(["quantize", str(BUNDLED_FIXTURE), *common, "--out", str(tmp_path / "plain")]) == 0
     name = f"{BUNDLED_FIXTURE.name}-GGUF-Q4_K_M"
     prov = json.loads((tmp_path / "imx" / name / "stepq.json").read_text())
