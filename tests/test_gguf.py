@@ -301,6 +301,7 @@ def test_every_gguf_loads_and_runs(llama_runs):
 
 def test_bf16_gguf_matches_reference_forward(llama_runs):
     r = llama_runs["BF16"]
+    # measured on the bundled fixture: PPL 53.972 vs 53.981, mean KLD < 5e-6, same top 100%
     assert abs(math.log(r["ppl"] / r["ppl_ref"])) < 0.01, r
     assert r["kld"] < 0.002 and r["same_top"] > 97.0, r
 
@@ -308,7 +309,8 @@ def test_bf16_gguf_matches_reference_forward(llama_runs):
 def test_quantization_error(llama_runs):
     k = {kind: r["kld"] for kind, r in llama_runs.items()}
     assert all(k["BF16"] < v for kind, v in k.items() if kind != "BF16"), k
-    assert max(k.values()) < 0.02, k
+    # measured mean KLD: Q8_0 1.4e-4, Q6_K 1.5e-4, Q4_K_M 1.8e-4, IQ4_XS 2.1e-4; 10x headroom
+    assert max(k.values()) < 0.002, k
     # dropping the MTP head leaves the trunk untouched: same logits
     assert llama_runs["Q4_K_M-nomtp-split"]["kld"] == pytest.approx(k["Q4_K_M"], abs=1e-9)
 
