@@ -167,16 +167,15 @@ class Stages:
     def has_work(self) -> bool:
         return self.ledger.has_work
 
-    def intact(self, stage: str, key: str, names: list[str] | None = None) -> bool:
-        """Whether `stage` finished under `key` and its files (or just `names` of them) still hash as recorded."""
+    def intact(self, stage: str, key: str) -> bool:
+        """Whether `stage` finished under `key` and its files still hash as recorded."""
         rec = self.ledger.units.get(stage)
         if rec is None or not rec["outputs"]:  # never finished, or its files were consumed (`forget`)
             return False
         if rec.get("key") != key:
             log.info("%s: inputs or settings changed since the earlier run; doing it again", stage)
             return False
-        for name in rec["outputs"] if names is None else names:
-            want = rec["outputs"].get(name)
+        for name, want in rec["outputs"].items():
             if not file_name_ok(name):
                 log.warning("%s: the record of %s names %r, not a file of this folder; doing it again",
                             self.ledger.path, stage, name)

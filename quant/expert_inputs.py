@@ -20,8 +20,3 @@ def expert_input_amax(own: torch.Tensor, tokens: int, siblings: Callable[[], Ite
     tokens) when it saw any, else the max of `siblings()`, the input absmaxes of every expert of the same layer and
     projection (asked for only then: 288 per stack on the real model)."""
     return own if tokens > 0 else torch.stack(list(siblings())).amax()
-
-
-def without_tokens(tokens: list[int]) -> list[int]:
-    """The experts (indices) that saw no calibration token: those `expert_input_amax` gives the layer's max."""
-    return [e for e, n in enumerate(tokens) if n == 0]

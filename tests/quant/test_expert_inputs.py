@@ -2,7 +2,7 @@
 
 import torch
 
-from quant.expert_inputs import expert_input_amax, without_tokens
+from quant.expert_inputs import expert_input_amax
 
 
 def test_an_expert_with_tokens_keeps_its_own_and_siblings_are_not_read():
@@ -14,4 +14,3 @@ def test_an_expert_with_tokens_keeps_its_own_and_siblings_are_not_read():
 def test_an_expert_without_tokens_takes_the_max_over_the_layer():
     amaxes = [torch.tensor(v) for v in (0.5, 7.25, 0.0, 2.0)]
     assert expert_input_amax(amaxes[2], 0, lambda: amaxes) == 7.25
-    assert without_tokens([4, 1, 0, 9, 0]) == [2, 4]
