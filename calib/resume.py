@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from calib.compute import Compute
 from calib.data import CalibData
 from calib.stats import FORMAT_VERSION, StatsCollector
 from calib.stream import Activations
@@ -38,7 +39,7 @@ LEDGER_VERSION = 2  # 2: the common ledger (1: calibration's own progress.jsonl)
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: torch.dtype, spill_bytes: int,
+def run_key(source: dict, data: CalibData, all_experts: bool, compute: Compute, spill_bytes: int,
             micro_batch_tokens: int) -> str:
     """sha256 of everything the statistics file depends on (but where the model lives and the run's timings): a
     run continues an interrupted one only under the same key."""
@@ -46,7 +47,9 @@ def run_key(source: dict, data: CalibData, all_experts: bool, compute_dtype: tor
         "source": {k: source[k] for k in ("config_sha256", "shards")}, "dataset": data.dataset,
         "token_ids_sha256": hashlib.sha256(data.ids.numpy().tobytes()).hexdigest(),
         "tokens_drawn_from": data.tokens_drawn_from, "n": data.n, "seq_len": data.seq_len, "seed": data.seed,
-        "all_experts": all_experts, "compute_dtype": str(compute_dtype), "format_version": FORMAT_VERSION,
+        "all_experts": all_experts, "format_version": FORMAT_VERSION,
+        # the device type and GEMM dtype round differently: a resumed run continues only on the same kind
+        "compute": {**compute.label, "device": compute.device.type},
         # micro-batches set how squares are summed; the spill size shows in the metadata
         "micro_batch_tokens": micro_batch_tokens, "spill_bytes": spill_bytes, "versions": versions("stepq", "torch", "transformers"),
     }

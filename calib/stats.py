@@ -2,9 +2,8 @@
 (per tensor and per input channel), per-channel sums of squares with token counts (llama.cpp imatrix), expert load.
 
 `StatsCollector` is the observer of `calib.stream.stream_forward`: forward pre-hooks on the layer's linears and router
-record their inputs. transformers' fused experts run every expert in one module, so a pre-hook on it takes the real
-top-k routing the layer is about to use and measures each expert's inputs itself: gate/up see the routed tokens,
-down sees their clamped-SwiGLU activation (transformers' own `_apply_gate`). The layer then computes its real output.
+record their inputs; the MoE block (`calib.moe.GroupedMoE`) hands each routed expert's inputs to its hooks as it runs
+them: gate/up see the routed tokens, down their clamped-SwiGLU activation.
 
 `CalibStats` reads the stored `stats.safetensors` (tensors keyed by checkpoint module names, settings and provenance
 as JSON in the safetensors metadata).
@@ -16,11 +15,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -30,9 +27,6 @@ from convert.durable import WriteFailed, replace_durably
 from convert.errors import BadInput
 from convert.hashing import file_sha256
 from convert.provenance import hub_blob_sha256
-
-if TYPE_CHECKING:
-    from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
 log = logging.getLogger("stepq.calib")
 
@@ -50,7 +44,7 @@ def _reduce(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     x = x.reshape(-1, x.shape[-1]).float()
     if x.shape[0] == 0:
         return torch.zeros(x.shape[-1]), torch.zeros(x.shape[-1], dtype=torch.float64), 0
-    return x.abs().amax(0), x.square().sum(0).double(), x.shape[0]
+    return x.abs().amax(0).cpu(), x.square().sum(0).double().cpu(), x.shape[0]
 
 
 class _Acc:
@@ -82,6 +76,38 @@ class _Acc:
                 f"{module}.input_sumsq": self.sumsq.float(), f"{module}.tokens": self.tokens.clone()}
 
 
+class _ExpertStats:
+    """`calib.moe.ExpertHook` of one MoE layer: gate/up see each expert's routed tokens, down their clamped SwiGLU
+    (what the layer computes anyway). In all-experts mode every token goes through every expert instead, for the
+    statistics only."""
+
+    def __init__(self, collector: StatsCollector, base: str, layer: int):
+        self.c, self.base, self.layer = collector, base, layer
+
+    def routed(self, moe, x: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        c = self.c
+        c.load[self.layer] += torch.bincount(top_k_index.flatten(), minlength=moe.num_experts).cpu()
+        if not c.all_experts:
+            return
+        full = _reduce(x)
+        for e in range(moe.num_experts):
+            c._record(self.base + "gate_proj", x, e, full)
+            c._record(self.base + "up_proj", x, e, full)
+            c._record(self.base + "down_proj", moe.expert_activation(e, x), e)
+
+    def expert_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.c.all_experts:
+            red = _reduce(x)
+            self.c._record(self.base + "gate_proj", x, e, red)
+            self.c._record(self.base + "up_proj", x, e, red)
+        return x
+
+    def down_input(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        if not self.c.all_experts:
+            self.c._record(self.base + "down_proj", h, e)
+        return h
+
+
 class StatsCollector:
     """Observer for `stream_forward`. all_experts=True also sends every token through every expert for statistics
     (the layer output still uses the real top-k routing; `expert_load` always counts the real routing)."""
@@ -91,6 +117,7 @@ class StatsCollector:
         self.acc: dict[str, _Acc] = {}
         self.load: dict[int, torch.Tensor] = {}
         self._hooks: list = []
+        self._moe_hooks: list = []
         self._last: tuple[torch.Tensor, tuple] | None = None
         self._taken: set[str] = set()  # state keys already handed to a checkpoint (or restored from one)
 
@@ -113,47 +140,33 @@ class StatsCollector:
         self.acc[name].add(reduced if reduced is not None else _reduce(x), expert)
 
     def attach(self, module: nn.Module, prefix: str, layer: int) -> None:
-        from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts, Step3p7TopKRouter
+        from calib.moe import GroupedMoE
 
         for path, m in module.named_modules():
             if path.endswith("shared_head.output"):
                 continue  # the stream reports MTP head inputs via head_input, logits or not
-            if isinstance(m, (nn.Linear, Step3p7TopKRouter)):
+            if isinstance(m, nn.Linear):  # the router too (calib.moe.Router)
                 name = self.module_name(prefix + path)
-                self.acc.setdefault(name, _Acc(m.in_features if isinstance(m, nn.Linear) else m.hidden_dim))
+                self.acc.setdefault(name, _Acc(m.in_features))
                 self._hooks.append(m.register_forward_pre_hook(
                     lambda mod, args, name=name: self.acc[name].add(self._reduced(args[0]))))
-            elif isinstance(m, Step3p7Experts):
+            elif isinstance(m, GroupedMoE):
                 base = f"model.layers.{layer}.moe."
-                e, h, i = m.num_experts, m.hidden_dim, m.intermediate_dim
+                e, h, i = m.num_experts, m.gate.in_features, self.config.moe_intermediate_size
                 for proj, width in (("gate_proj", h), ("up_proj", h), ("down_proj", i)):
                     self.acc.setdefault(base + proj, _Acc(width, e))
                 self.load.setdefault(layer, torch.zeros(e, dtype=torch.int64))
-                self._hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args, layer=layer: self._experts(layer, mod, args[0], args[1])))
-
-    def _experts(self, layer: int, experts: Step3p7Experts, x: torch.Tensor, top_k_index: torch.Tensor) -> None:
-        base = f"model.layers.{layer}.moe."
-        self.load[layer] += torch.bincount(top_k_index.flatten(), minlength=experts.num_experts)
-        full = _reduce(x) if self.all_experts else None
-        for e in range(experts.num_experts):
-            if self.all_experts:
-                xe, red = x, full
-            else:
-                tok = (top_k_index == e).any(-1).nonzero().squeeze(-1)  # top-k picks distinct experts per token
-                if tok.numel() == 0:
-                    continue
-                xe = x[tok]
-                red = _reduce(xe)
-            self._record(base + "gate_proj", xe, e, red)
-            self._record(base + "up_proj", xe, e, red)
-            act = experts._apply_gate(F.linear(xe, experts.gate_up_proj[e]))  # clamped SwiGLU = down_proj input
-            self._record(base + "down_proj", act, e)
+                hook = _ExpertStats(self, base, layer)
+                m.hooks.append(hook)
+                self._moe_hooks.append((m, hook))
 
     def detach(self, layer: int) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for m, hook in self._moe_hooks:
+            m.hooks.remove(hook)
+        self._moe_hooks.clear()
         self._last = None
 
     def head_input(self, module: str, x: torch.Tensor) -> None:
@@ -352,9 +365,9 @@ class CalibStats:
                             self.path, Path(model_dir) / name)
 
     def matches(self, model_dir, dataset: str | None, n: int | None, seq_len: int | None, seed: int,
-                all_experts: bool) -> bool:
+                all_experts: bool, dtype: str = "bfloat16") -> bool:
         """True when this file was computed from the same source weights, dataset contents and settings (defaults
-        resolved as `stepq calibrate` resolves them), so a quantize run can reuse it."""
+        resolved as `stepq calibrate` resolves them) in the same compute dtype, so a quantize run can reuse it."""
         try:
             dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
             ds = open_source(dataset).fingerprint()
@@ -366,4 +379,5 @@ class CalibStats:
             d.get("kind") == "hub" and ds["id"] == d.get("id"))
         return (same_data and src.get("config_sha256") == mine["config_sha256"]
                 and src.get("shards") == mine["shards"] and (m.get("n"), m.get("seq_len"), m.get("seed"),
-                                                             m.get("all_experts")) == (n, seq_len, seed, all_experts))
+                                                             m.get("all_experts"), m.get("compute_dtype"))
+                == (n, seq_len, seed, all_experts, dtype))

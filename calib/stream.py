@@ -1,11 +1,14 @@
-"""Layer-streamed forward: one decoder layer in memory at a time, all calibration activations through it.
+"""Layer-streamed forward: one decoder layer's weights at a time, all calibration (or eval) activations through it.
 
 Each layer is transformers' `Step3p7DecoderLayer` (or `calib.reference.MtpLayer` for the MTP head) built on the
-meta device and given the checkpoint's tensors with `load_state_dict(assign=True)`, named by
-`calib.reference.from_checkpoint_names`; masks and RoPE follow `calib.reference.ReferenceModel`. Activations live
-in RAM below `spill_bytes` and in a numpy memmap on disk above it. An observer (calib.stats) sees each layer while it
-runs; logits are only computed when asked for (the golden test), never during calibration. With `checkpoints`
-(calib.resume) each finished layer's output is persisted, and a re-run starts after the last finished layer.
+meta device and given the checkpoint's tensors with `load_state_dict(assign=True)` (views of the memory-mapped
+shards: no copy), named by `calib.reference.from_checkpoint_names`; its MoE block is `calib.moe.GroupedMoE`, its
+linears and attention run through `calib.compute` (device, bf16 activations, GEMM dtype, attention in blocks). Masks
+and RoPE follow `calib.reference.ReferenceModel`. The next layer is built (and its bytes read ahead, or copied to the
+GPU) on a background thread while the current one runs. Activations live on the device or in RAM below
+`spill_bytes` and in a numpy memmap on disk above it. An observer (calib.stats) sees each layer while it runs;
+logits are only computed when a `HeadSink` asks for them (eval, the golden tests), never during calibration. With
+`checkpoints` (calib.resume) each finished layer's output is persisted, and a re-run starts after the last one.
 """
 
 from __future__ import annotations
@@ -23,15 +26,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers.models.step3p7.modeling_step3p7 import Step3p7DecoderLayer, Step3p7RMSNorm, Step3p7RotaryEmbedding
+from transformers.models.step3p7.modeling_step3p7 import (
+    Step3p7Attention,
+    Step3p7DecoderLayer,
+    Step3p7MLP,
+    Step3p7RMSNorm,
+    Step3p7RotaryEmbedding,
+)
 
+from calib.compute import ATTENTION_IMPL, Compute, register_attention, use_gemm_linears
+from calib.moe import GroupedMoE, Router, StackExperts
 from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
 from convert.durable import replace_durably, write_atomic
 from convert.errors import BadInput
+from quant.roles import EXPERT_ROLES, Role
 
-SPILL_BYTES = 4 << 30           # activations above this go to disk
-MICRO_BATCH_TOKENS = 4096       # tokens per forward call; bounds attention scores and MoE scratch
+SPILL_BYTES = 1 << 30           # an activation tensor above this goes to disk (a layer holds its input and output)
+TOKENS_PER_EXPERT = 512         # micro-batches are sized so that each routed expert's GEMMs see about this many rows
+MIN_MICRO_BATCH_TOKENS = 4096   # ... and never smaller (dense layers, attention)
+MAX_MICRO_BATCH_TOKENS = 32768  # ... nor larger (bounds the micro-batch's activations)
+DEVICE_ACTIVATION_SHARE = 0.5   # on a GPU, activations stay on the device up to this share of its free memory
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored raw
 
 
@@ -55,19 +70,28 @@ class Checkpoints(Protocol):
 
 
 class Activations:
-    """[N, T, H] activations: a tensor in RAM up to `spill_bytes`, above it a numpy memmap of `file` (kept on close: a
-    checkpoint) or of a file in a private temp dir (removed on close). `create=False` reads back a file from `save`
-    (read-only when memory-mapped)."""
+    """[N, T, H] activations: a tensor on `device` (a GPU, up to `device_bytes`), else in RAM up to `spill_bytes`
+    (pinned when a GPU reads it), above that a numpy memmap of `file` (kept on close: a checkpoint) or of a file in a
+    private temp dir (removed on close). `create=False` reads back a file from `save` (read-only when
+    memory-mapped)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, spill_bytes: int, tmp_dir: str | None = None,
-                 file: Path | None = None, create: bool = True):
+                 file: Path | None = None, create: bool = True, device: torch.device | None = None,
+                 device_bytes: int = 0):
         self.shape, self.dtype = tuple(shape), dtype
         self.dir: Path | None = None
         self.file: Path | None = None
         self._t: torch.Tensor | None = None
         self._mm: np.memmap | None = None
-        if prod(shape) * dtype.itemsize <= spill_bytes:
-            self._t = torch.empty(shape, dtype=dtype)
+        nbytes = prod(shape) * dtype.itemsize
+        gpu = device is not None and device.type != "cpu"
+        if gpu and nbytes <= device_bytes:
+            self._t = torch.empty(shape, dtype=dtype, device=device)
+            if not create:
+                self._t.copy_(Activations(shape, dtype, nbytes, file=file, create=False).tensor())
+            return
+        if nbytes <= spill_bytes:
+            self._t = torch.empty(shape, dtype=dtype, pin_memory=gpu)
             if not create:
                 with open(file, "rb") as f:
                     f.readinto(self._raw())
@@ -83,8 +107,8 @@ class Activations:
         return self._mm is not None
 
     def _raw(self) -> np.ndarray:
-        """The RAM tensor's bytes, as a flat uint8 array sharing its memory."""
-        return self._t.reshape(-1).view(torch.uint8).numpy()
+        """The tensor's bytes, as a flat uint8 array (sharing its memory when it is in RAM)."""
+        return self._t.reshape(-1).view(torch.uint8).cpu().numpy()
 
     def __getitem__(self, idx) -> torch.Tensor:
         if self._t is not None:
@@ -94,10 +118,10 @@ class Activations:
     def __setitem__(self, idx, value: torch.Tensor) -> None:
         value = value.detach().to(self.dtype)
         if self._t is not None:
-            self._t[idx] = value
+            self._t[idx] = value.to(self._t.device, non_blocking=True)
         else:
             raw = value.view(torch.uint16) if self.dtype == torch.bfloat16 else value
-            self._mm[idx] = raw.contiguous().numpy()
+            self._mm[idx] = raw.contiguous().cpu().numpy()
 
     def tensor(self) -> torch.Tensor:
         return self._t if self._t is not None else self[:]
@@ -119,53 +143,159 @@ class Activations:
             self.dir = None
 
 
+class HeadSink(Protocol):
+    """Receives logits as the stream computes them, one micro-batch of sequences at a time (fp32, on the device):
+    `trunk(rows, logits [b, L, V])` and `mtp(depth, rows, logits [b, L-depth, V])`. A stream with a sink reads the
+    lm_head and runs the MTP heads' output projections; without one it never does."""
+
+    def trunk(self, rows: slice, logits: torch.Tensor) -> None: ...
+    def mtp(self, depth: int, rows: slice, logits: torch.Tensor) -> None: ...
+
+
 @dataclass
 class StreamResult:
     hidden: torch.Tensor | None = None          # trunk output before model.norm [N, L, H] (keep_outputs only)
     logits: torch.Tensor | None = None          # [N, L, V]
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [N, L-k, V]
     spilled: bool = False
+    micro_batch_tokens: int = 0
     timings: dict = field(default_factory=dict)
 
 
-def masks(t: int, sliding_window: int | None) -> dict[str, torch.Tensor]:
+class _KeepLogits:
+    """The sink behind keep_outputs=True: every logit in host memory (the tests and the fixture only)."""
+
+    def __init__(self):
+        self.trunk_parts, self.mtp_parts = [], {}
+
+    def trunk(self, rows, logits):
+        self.trunk_parts.append(logits.cpu())
+
+    def mtp(self, depth, rows, logits):
+        self.mtp_parts.setdefault(depth, []).append(logits.cpu())
+
+
+def masks(t: int, sliding_window: int | None, device=None) -> dict[str, torch.Tensor]:
     """As ReferenceModel._masks: bool, True = attend; a sliding layer sees the last `sliding_window` keys."""
-    q = torch.arange(t)[:, None]
-    kv = torch.arange(t)[None, :]
+    q = torch.arange(t, device=device)[:, None]
+    kv = torch.arange(t, device=device)[None, :]
     causal = kv <= q
     sliding = causal & (q - kv < sliding_window) if sliding_window else causal
     return {"full_attention": causal[None, None], "sliding_attention": sliding[None, None]}
 
 
-def _layer_tensors(ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """This layer's checkpoint tensors under ReferenceModel names, in the compute dtype (router kept fp32)."""
-    names = [n for n, t in ckpt.tensors.items() if t.info.layer == layer]
-    mapped = from_checkpoint_names({n: ckpt.read(n) for n in names}, ckpt.config.raw)
-    out = {}
-    for name, w in mapped.items():
-        fp32 = name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))  # engines route in fp32
-        out[name] = w.to(torch.float32 if fp32 else dtype)
-    return out
+def micro_batch_tokens_for(cfg, seq_len: int) -> int:
+    """Tokens per forward call: enough that each routed expert's GEMMs get ~TOKENS_PER_EXPERT rows (tokens x top-k
+    spread over the experts), whole sequences, within [MIN, MAX]_MICRO_BATCH_TOKENS."""
+    want = TOKENS_PER_EXPERT * cfg.num_experts // cfg.top_k if cfg.moe_layers and cfg.top_k else 0
+    want = min(max(want, MIN_MICRO_BATCH_TOKENS), MAX_MICRO_BATCH_TOKENS)
+    return max(seq_len, want // seq_len * seq_len)
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def build_layer(ckpt: Checkpoint, layer: int, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """One decoder layer (trunk) or MtpLayer (MTP head) with its checkpoint weights; -> (module, name prefix)."""
+def _on_device(w: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """A float tensor as the layer holds it: on the device, in its stored dtype (a CPU view stays the view)."""
+    return w if w.device == compute.device else w.to(compute.device, non_blocking=True)
+
+
+def _grouped_moe(config, layer: int, mlp_prefix: str) -> GroupedMoE:
+    limits = config.swiglu_limits
+    router = Router(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                    normalize=bool(getattr(config, "norm_expert_weight", True)))
+    return GroupedMoE(router, Step3p7MLP(config, layer, is_shared_expert=True),
+                      (limits[layer] or None) if limits else None, config.moe_router_scaling_factor, layer)
+
+
+def build_layer(ckpt: Checkpoint, layer: int, compute: Compute, heads: bool = False) -> tuple[nn.Module, str]:
+    """One decoder layer (trunk) or MtpLayer (MTP head) over the checkpoint's tensors -> (module, name prefix).
+
+    Weights are the checkpoint's own tensors (memory-map views on CPU; copies on a GPU), not widened; the router in
+    fp32. Routed experts are read one at a time when the layer runs (`StackExperts`). `heads`: also load the MTP
+    head's output projection (a vocabulary-sized matrix; only eval computes MTP logits)."""
     cfg = ckpt.config
-    tensors = _layer_tensors(ckpt, layer, dtype)
+    names = _layer_names(ckpt, layer, heads)
+    experts = {ckpt.tensors[n].info.role: n for n in names if ckpt.tensors[n].info.role in EXPERT_ROLES}
+    plain = {n: ckpt.read(n) for n in names if n not in experts.values()}
+    tensors = from_checkpoint_names(plain, cfg.raw)
+    register_attention()
     if cfg.is_mtp(layer):
         prefix = f"mtp.{layer - cfg.num_trunk_layers}."
-        with torch.device("meta"):
-            module = MtpLayer(text_config(cfg.raw, with_mtp=True), layer)
+        config = text_config(cfg.raw, with_mtp=True)
     else:
         prefix = f"model.layers.{layer}."
-        with torch.device("meta"):
-            module = Step3p7DecoderLayer(text_config(cfg.raw), layer)
-    module.load_state_dict(_strip(tensors, prefix), strict=True, assign=True)
+        config = text_config(cfg.raw)
+    config._attn_implementation = ATTENTION_IMPL
+    config.norm_expert_weight = cfg.raw.get("norm_expert_weight", True)
+    with torch.device("meta"):
+        module = MtpLayer(config, layer) if cfg.is_mtp(layer) else Step3p7DecoderLayer(config, layer)
+        block = module.mtp_block if cfg.is_mtp(layer) else module
+        if experts:
+            block.mlp = _grouped_moe(config, layer, "mlp.")
+    state = _strip(tensors, prefix)
+    for name, w in state.items():
+        router = name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
+        state[name] = _on_device(w.float() if router else w, compute)  # engines route in fp32
+    if cfg.is_mtp(layer) and not heads:
+        module.transformer.shared_head.output = None
+    module.load_state_dict(state, strict=True, assign=True)
+    use_gemm_linears(module, compute)
+    for m in module.modules():
+        if isinstance(m, (Step3p7Attention, GroupedMoE)):
+            m.compute = compute
+    if experts:
+        block.mlp.experts = StackExperts(
+            ckpt, (experts[Role.EXPERTS_GATE], experts[Role.EXPERTS_UP], experts[Role.EXPERTS_DOWN]),
+            cfg.num_experts, compute)
+        if compute.device.type != "cpu":  # a GPU holds the layer's stacks (9 GB on the real model) while it runs
+            block.mlp.experts.preloaded = tuple(_on_device(ckpt.read(n), compute) for n in block.mlp.experts.names)
     return module.eval(), prefix
+
+
+def _layer_names(ckpt: Checkpoint, layer: int, heads: bool) -> list[str]:
+    """The layer's tensors, without an MTP head's output projection unless logits are wanted."""
+    return [n for n, t in ckpt.tensors.items() if t.info.layer == layer and (heads or t.info.role != Role.MTP_HEAD)]
+
+
+def prefetch(ckpt: Checkpoint, layer: int, heads: bool) -> None:
+    """Ask the kernel to read `layer`'s bytes ahead (a memory-mapped source; other weight sources read on use)."""
+    if hasattr(ckpt, "shards"):
+        for n in _layer_names(ckpt, layer, heads):
+            ckpt.shards[ckpt.tensors[n].shard].will_need(n)
+
+
+class _LayerPipeline:
+    """Builds layers on one background thread, one ahead of the layer that runs: its bytes are read (CPU: read ahead
+    by the kernel; GPU: copied to the device) while the current layer computes."""
+
+    def __init__(self, ckpt, order: list[int], compute: Compute, heads: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ckpt, self.order, self.compute, self.heads = ckpt, order, compute, heads
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepq-layer")
+        self.pending: dict[int, object] = {}
+        self._ahead(0)
+
+    def _ahead(self, pos: int) -> None:
+        if pos < len(self.order):
+            i = self.order[pos]
+            self.pending[i] = self.pool.submit(self._build, i)
+
+    def _build(self, i: int):
+        prefetch(self.ckpt, i, self.heads)
+        return build_layer(self.ckpt, i, self.compute, self.heads)
+
+    def get(self, i: int) -> tuple[nn.Module, str]:
+        built = self.pending.pop(i).result()
+        self._ahead(self.order.index(i) + 1)
+        return built
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def _check_mtp_rope(cfg) -> None:
@@ -188,38 +318,55 @@ class _Progress:
         self.bar.close()
 
 
+def _device_bytes(compute: Compute) -> int:
+    if compute.device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(compute.device)
+    return int(free * DEVICE_ACTIVATION_SHARE) // 2  # a layer holds its input and its output
+
+
 @torch.inference_mode()
 def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | None = None, *,
-                   keep_outputs: bool = False, dtype: torch.dtype = torch.float32,
-                   spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int = MICRO_BATCH_TOKENS,
+                   keep_outputs: bool = False, heads: HeadSink | None = None, compute: Compute | None = None,
+                   spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int | None = None,
                    tmp_dir: str | None = None, progress: bool = True,
                    checkpoints: Checkpoints | None = None) -> StreamResult:
-    """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer in memory at a time.
+    """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer's weights at a time.
 
-    keep_outputs=True also returns the trunk hidden state, the final logits and the MTP logits (tests).
+    heads: receives the trunk and MTP logits per micro-batch (eval). keep_outputs=True keeps them all, and the trunk
+    hidden state, in the result (tests, the fixture). compute: device and dtypes (default: CPU, float32).
     checkpoints: persist each finished layer and start after the last one an earlier run finished (calibration;
-    not with keep_outputs, which needs every layer's outputs)."""
-    if keep_outputs and checkpoints is not None:
-        raise ValueError("keep_outputs needs every layer run in this call: no checkpoints")
+    not with logits, which need every layer run in this call)."""
+    if (keep_outputs or heads is not None) and checkpoints is not None:
+        raise ValueError("logits need every layer run in this call: no checkpoints")
+    from calib.compute import resolve
+
+    compute = compute or resolve("cpu", "float32")
+    dev, dtype = compute.device, compute.dtype
+    if keep_outputs:
+        heads = _KeepLogits()
     cfg = ckpt.config
     _check_mtp_rope(cfg)
     n_seq, seq_len = ids.shape
     h_dim = cfg.hidden_size
+    micro_batch_tokens = micro_batch_tokens or micro_batch_tokens_for(cfg, seq_len)
     bsz = max(1, micro_batch_tokens // seq_len)
     # the embedding output is the largest activation: it decides, whatever layer a resumed run starts at
-    res = StreamResult(spilled=n_seq * seq_len * h_dim * dtype.itemsize > spill_bytes)
+    res = StreamResult(spilled=n_seq * seq_len * h_dim * dtype.itemsize > spill_bytes, micro_batch_tokens=bsz * seq_len)
     trunk_config = text_config(cfg.raw)
-    rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table, as the reference does
+    rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table
     pos = torch.arange(seq_len)[None]
     dummy = torch.empty(0, dtype=dtype)
-    rope = {lt: rotary(dummy, pos, lt) for lt in set(trunk_config.layer_types)}
-    mask = masks(seq_len, trunk_config.sliding_window)
+    rope = {lt: tuple(t.to(dev) for t in rotary(dummy, pos, lt)) for lt in set(trunk_config.layer_types)}
+    pos = pos.to(dev)
+    mask = masks(seq_len, trunk_config.sliding_window, dev)
     embed = ckpt.read("model.embed_tokens.weight")
+    device_bytes = _device_bytes(compute)
     t_start = time.time()
 
     def new(t: int, layer: int | None = None) -> Activations:
         file = checkpoints.spill_file(layer) if checkpoints is not None and layer is not None else None
-        return Activations((n_seq, t, h_dim), dtype, spill_bytes, tmp_dir, file)
+        return Activations((n_seq, t, h_dim), dtype, spill_bytes, tmp_dir, file, device=dev, device_bytes=device_bytes)
 
     def finish(layer: int, x: Activations, y: Activations) -> Activations:
         if checkpoints is not None:
@@ -227,103 +374,101 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         x.close()
         return y
 
+    def rows(b: int) -> slice:
+        return slice(b, min(b + bsz, n_seq))
+
     resumed = checkpoints.resume(spill_bytes) if checkpoints is not None else None
     if resumed:
         done, x = resumed
     else:
         done, x = -1, new(seq_len)
         for b in range(0, n_seq, bsz):
-            x[b:b + bsz] = F.embedding(ids[b:b + bsz], embed).to(dtype)
+            x[rows(b)] = F.embedding(ids[rows(b)], embed).to(dtype)
         res.timings["embed_s"] = time.time() - t_start
 
-    total_layers = cfg.num_layers
-    for i in range(done + 1, cfg.num_trunk_layers):
-        t0 = time.time()
-        layer, prefix = build_layer(ckpt, i, dtype)
-        lt = trunk_config.layer_types[i]
-        if observer:
-            observer.attach(layer, prefix, i)
-        y = new(seq_len, i)
-        with _Progress(n_seq * seq_len, f"calib layer {i + 1}/{total_layers}", progress) as bar:
-            for b in range(0, n_seq, bsz):
-                y[b:b + bsz] = layer(x[b:b + bsz], attention_mask=mask[lt], position_embeddings=rope[lt],
-                                     position_ids=pos)
-                bar.update(min(bsz, n_seq - b) * seq_len)
-        if observer:
-            observer.detach(i)
-        del layer
-        x = finish(i, x, y)
-        res.timings[f"layer_{i}_s"] = time.time() - t0
-
-    # Final norm + lm_head: the head input is recorded; logits only when asked for. An earlier run that finished an
-    # MTP layer has recorded the head inputs already (in that layer's checkpoint).
-    if done < cfg.num_trunk_layers:
-        t0 = time.time()
-        norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
-        norm.weight = nn.Parameter(ckpt.read("model.norm.weight").to(dtype), requires_grad=False)
-        lm_head = ckpt.read("lm_head.weight").to(dtype) if keep_outputs else None
-        logits = []
-        for b in range(0, n_seq, bsz):
-            h = norm(x[b:b + bsz])
+    order = [i for i in range(cfg.num_layers) if i > done]
+    pipeline = _LayerPipeline(ckpt, order, compute, heads is not None)
+    try:
+        for i in range(done + 1, cfg.num_trunk_layers):
+            t0 = time.time()
+            layer, prefix = pipeline.get(i)
+            res.timings[f"layer_{i}_wait_s"] = time.time() - t0
+            lt = trunk_config.layer_types[i]
             if observer:
-                observer.head_input("lm_head", h)
-            if lm_head is not None:
-                logits.append(F.linear(h, lm_head))
-        if keep_outputs:
-            res.hidden, res.logits = x.tensor().clone(), torch.cat(logits)
-        res.timings["lm_head_s"] = time.time() - t0
+                observer.attach(layer, prefix, i)
+            y = new(seq_len, i)
+            with _Progress(n_seq * seq_len, f"layer {i + 1}/{cfg.num_layers}", progress) as bar:
+                for b in range(0, n_seq, bsz):
+                    y[rows(b)] = layer(x[rows(b)].to(dev, non_blocking=True), attention_mask=mask[lt],
+                                       position_embeddings=rope[lt], position_ids=pos)
+                    bar.update((rows(b).stop - b) * seq_len)
+            if observer:
+                observer.detach(i)
+            del layer
+            x = finish(i, x, y)
+            res.timings[f"layer_{i}_s"] = time.time() - t0
 
-    # MTP depth k at position t sees tokens <= t+k: input = previous hidden[:, :L-k] and embed(ids[:, k:]).
-    rope_swa, swa = rope["sliding_attention"], mask["sliding_attention"]
-    for k, i in enumerate(cfg.mtp_layers, start=1):
-        if i <= done:
-            continue
-        t0 = time.time()
-        layer, prefix = build_layer(ckpt, i, dtype)
-        if observer:
-            observer.attach(layer, prefix, i)
-        t = seq_len - k
-        y, mtp_logits = new(t, i), []
-        with _Progress(n_seq * t, f"calib layer {i + 1}/{total_layers} (MTP {k})", progress) as bar:
+        # Final norm + lm_head: the head input is recorded; logits only for a sink. An earlier run that finished an
+        # MTP layer has recorded the head inputs already (in that layer's checkpoint).
+        if done < cfg.num_trunk_layers:
+            t0 = time.time()
+            norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
+            norm.weight = nn.Parameter(_on_device(ckpt.read("model.norm.weight"), compute), requires_grad=False)
+            lm_head = ckpt.read("lm_head.weight") if heads is not None else None
+            hidden = []
             for b in range(0, n_seq, bsz):
-                e = F.embedding(ids[b:b + bsz, k:], embed).to(dtype)
-                out = layer(e, x[b:b + bsz, :t], swa[..., :t, :t], (rope_swa[0][:, :t], rope_swa[1][:, :t]),
-                            pos[:, :t])
-                y[b:b + bsz] = out
-                head = layer.transformer.shared_head
-                if observer or keep_outputs:
-                    h = head.norm(out)
-                    if observer:
-                        observer.head_input(f"{prefix}transformer.shared_head.output", h)
-                    if keep_outputs:
-                        mtp_logits.append(head.output(h))
-                bar.update(min(bsz, n_seq - b) * t)
-        if observer:
-            observer.detach(i)
-        if keep_outputs:
-            res.mtp_logits.append(torch.cat(mtp_logits))
-        del layer
-        x = finish(i, x, y)
-        res.timings[f"layer_{i}_s"] = time.time() - t0
+                xb = x[rows(b)].to(dev, non_blocking=True)
+                h = norm(xb)
+                if observer:
+                    observer.head_input("lm_head", h)
+                if lm_head is not None:
+                    from calib.compute import gemm
+
+                    heads.trunk(rows(b), gemm(h, lm_head, compute, torch.float32))
+                if keep_outputs:
+                    hidden.append(xb.cpu())
+            if keep_outputs:
+                res.hidden = torch.cat(hidden)
+            res.timings["lm_head_s"] = time.time() - t0
+
+        # MTP depth k at position t sees tokens <= t+k: input = previous hidden[:, :L-k] and embed(ids[:, k:]).
+        rope_swa, swa = rope["sliding_attention"], mask["sliding_attention"]
+        for k, i in enumerate(cfg.mtp_layers, start=1):
+            if i <= done:
+                continue
+            t0 = time.time()
+            layer, prefix = pipeline.get(i)
+            res.timings[f"layer_{i}_wait_s"] = time.time() - t0
+            if observer:
+                observer.attach(layer, prefix, i)
+            t = seq_len - k
+            y = new(t, i)
+            with _Progress(n_seq * t, f"layer {i + 1}/{cfg.num_layers} (MTP {k})", progress) as bar:
+                for b in range(0, n_seq, bsz):
+                    e = F.embedding(ids[rows(b), k:], embed).to(dtype).to(dev, non_blocking=True)
+                    out = layer(e, x[rows(b), :t].to(dev, non_blocking=True), swa[..., :t, :t],
+                                (rope_swa[0][:, :t], rope_swa[1][:, :t]), pos[:, :t])
+                    y[rows(b)] = out
+                    head = layer.transformer.shared_head
+                    if observer or heads is not None:
+                        h = head.norm(out)
+                        if observer:
+                            observer.head_input(f"{prefix}transformer.shared_head.output", h)
+                        if heads is not None:
+                            from calib.compute import gemm
+
+                            heads.mtp(k, rows(b), gemm(h, head.output.weight, compute, torch.float32))
+                    bar.update((rows(b).stop - b) * t)
+            if observer:
+                observer.detach(i)
+            del layer
+            x = finish(i, x, y)
+            res.timings[f"layer_{i}_s"] = time.time() - t0
+    finally:
+        pipeline.close()
     x.close()
+    if keep_outputs:
+        res.logits = torch.cat(heads.trunk_parts)
+        res.mtp_logits = [torch.cat(heads.mtp_parts[k]) for k in sorted(heads.mtp_parts)]
     res.timings["stream_s"] = time.time() - t_start
     return res
-
-
-def compute_dtype_for(ckpt: Checkpoint, dtype: str) -> torch.dtype:
-    """'auto': float32 (exact statistics) unless the largest layer in float32 would not fit in half the free RAM."""
-    if dtype != "auto":
-        try:
-            return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise BadInput(f"--dtype {dtype}: use auto, float32 or bfloat16")
-    per_layer: dict = {}
-    for t in ckpt.tensors.values():
-        if t.info.layer is not None:
-            per_layer[t.info.layer] = per_layer.get(t.info.layer, 0) + t.entry.nbytes
-    fp32_bytes = 2 * max(per_layer.values(), default=0)  # BF16 on disk -> F32 in memory
-    try:
-        avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return torch.float32
-    return torch.float32 if fp32_bytes < avail // 2 else torch.bfloat16

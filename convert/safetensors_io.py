@@ -146,6 +146,15 @@ class SafetensorsFile:
         per = e.nbytes // e.shape[0]
         return self._view(e.start + expert * per, per, e.dtype, e.shape[1:])
 
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to read tensor `name`'s bytes ahead (MADV_WILLNEED: returns at once, the reads run in the
+        background), so a layer built next finds its weights in the page cache."""
+        e = self.entry(name)
+        if self._map is None or e.nbytes == 0 or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = e.start - e.start % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_WILLNEED, start, e.start + e.nbytes - start)
+
     def close(self) -> None:
         # Only drop our reference: tensors from `read` keep the mmap object alive (torch.frombuffer holds it but
         # exports no buffer, so mmap.close() would unmap under them); the mapping goes with the last of them.

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
+from calib.moe import GroupedMoE
 from calib.reference import to_checkpoint_names
 from calib.stream import stream_forward
 from convert.artifact import ArtifactReader
@@ -48,6 +49,10 @@ class ArtifactWeights:
     def read(self, name: str) -> torch.Tensor:
         return self.reader.read(name)
 
+    def read_expert(self, name: str, expert: int) -> torch.Tensor:
+        """One routed expert, decoded from its own bytes when the layer runs (never a whole stack)."""
+        return self.reader.read_expert(name, expert)
+
 
 class InputQuantizer:
     """`calib.stream.Observer` that fake-quantizes the inputs of an artifact's quantized linears and experts."""
@@ -57,6 +62,7 @@ class InputQuantizer:
         self.layout = reader.layout
         self.hooked: list[str] = []
         self._hooks: list = []
+        self._moe_hooks: list = []
 
     def _quantized(self, module: str) -> bool:
         d = self.reader.decisions.get(f"{module}.weight")
@@ -75,7 +81,7 @@ class InputQuantizer:
                     self._hooks.append(m.register_forward_pre_hook(
                         lambda mod, args, fq=fq: (fq(args[0]),) + tuple(args[1:])))
                     self.hooked.append(name)
-            elif isinstance(m, Step3p7Experts):
+            elif isinstance(m, (Step3p7Experts, GroupedMoE)):
                 stack = f"model.layers.{layer}.moe."
                 fqs = []
                 for e in range(m.num_experts):
@@ -84,17 +90,41 @@ class InputQuantizer:
                     down = self._quantized(stack + "down_proj") and self.layout.expert_input_quant(
                         self.reader.stored, stack + "down_proj", e)
                     fqs.append((up or None, down or None))
-                if any(a or b for a, b in fqs):
-                    m.forward = types.MethodType(_experts_forward(fqs), m)  # the layer is dropped after this pass
-                    self.hooked.append(stack + "experts")
+                if not any(a or b for a, b in fqs):
+                    continue
+                if isinstance(m, GroupedMoE):  # the streamed forward: the block hands each expert's inputs over
+                    hook = _ExpertInputQuant(fqs)
+                    m.hooks.append(hook)
+                    self._moe_hooks.append((m, hook))
+                else:  # transformers' experts (InMemoryModel): its forward with the inputs quantized
+                    m.forward = types.MethodType(_experts_forward(fqs), m)
+                self.hooked.append(stack + "experts")
 
     def detach(self, layer: int) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for m, hook in self._moe_hooks:
+            m.hooks.remove(hook)
+        self._moe_hooks.clear()
 
     def head_input(self, module: str, x: torch.Tensor) -> None:
         pass  # lm_head stays BF16 in every bundled recipe; the MTP shared_head.output is a hooked nn.Linear
+
+
+class _ExpertInputQuant:
+    """`calib.moe.ExpertHook`: each routed expert's gate/up and down inputs quantized as the engine does."""
+
+    def __init__(self, fqs):
+        self.fqs = fqs
+
+    def expert_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        fq = self.fqs[e][0]
+        return fq(x) if fq else x
+
+    def down_input(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        fq = self.fqs[e][1]
+        return fq(h) if fq else h
 
 
 def _experts_forward(fqs):

@@ -38,25 +38,31 @@ def stats_path(model_dir: str | Path, out_root: str | Path = "out") -> Path:
 
 def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str | Path = "out", n: int | None = None,
               seq_len: int | None = None, seed: int = 0, all_experts: bool = False, force: bool = False, *,
-              dtype: str = "auto", spill_bytes: int | None = None, micro_batch_tokens: int | None = None,
-              progress: bool = True) -> Path:
-    """Write (or reuse) `<out_root>/<model>-calib/stats.safetensors`; returns its path. `spill_bytes` and
-    `micro_batch_tokens` default to `calib.stream`'s SPILL_BYTES and MICRO_BATCH_TOKENS.
+              device: str | None = None, dtype: str | None = None, spill_bytes: int | None = None,
+              micro_batch_tokens: int | None = None, progress: bool = True) -> Path:
+    """Write (or reuse) `<out_root>/<model>-calib/stats.safetensors`; returns its path. `device` (auto, cpu, cuda[:N])
+    and `dtype` (bfloat16, float32) say where and in what precision the forward runs (calib.compute; defaults auto
+    and bfloat16); `spill_bytes` and `micro_batch_tokens` default to `calib.stream`'s SPILL_BYTES and a micro-batch
+    sized for the expert GEMMs.
 
     An existing file is reused when its source, dataset contents and settings match (`CalibStats.matches`) and
     `force` is off; otherwise it is recomputed and replaced atomically. Each finished layer is checkpointed
     (calib.resume): re-running after an interruption continues after the last finished layer, with the same result;
     `force` starts over. One run per output folder (`convert.lock`). On an error, finished layers are kept for the
     resume (except on bad input); with none, a folder this run created is removed again."""
+    from calib.compute import resolve
+
     model_dir = Path(model_dir)
     out = stats_path(model_dir, out_root)
+    dtype = dtype or "bfloat16"
+    compute = resolve(device or "auto", dtype)  # a device or dtype that cannot run here: before anything is written
     with OutputLock(out.parent):
         created = not out.parent.exists()
         # left by a killed run (the lock says it is gone): a half-written file; activations spilled by older stepq
         for stale in [*out.parent.glob("stepq-act-*"), *out.parent.glob(f".{out.name}.tmp-*")]:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         partial = out.parent / f".{out.name}.partial"
-        if not force and _reusable(out, model_dir, dataset, n, seq_len, seed, all_experts):
+        if not force and _reusable(out, model_dir, dataset, n, seq_len, seed, all_experts, dtype):
             log.info("reusing %s (same source, dataset and settings)", out)
             shutil.rmtree(partial, ignore_errors=True)  # of a run killed just after writing `out`, or of other settings
             return out
@@ -66,15 +72,16 @@ def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str |
 
         checkpoints = LayerCheckpoints(partial)
         try:
-            return _calibrate(model_dir, out, checkpoints, dataset, n, seq_len, seed, all_experts, force, dtype,
+            return _calibrate(model_dir, out, checkpoints, dataset, n, seq_len, seed, all_experts, force, compute,
                               spill_bytes, micro_batch_tokens, progress)
         except BaseException as e:
             raise _failed(e, out, checkpoints, created)
 
 
-def _reusable(out: Path, model_dir: Path, dataset, n, seq_len, seed, all_experts) -> bool:
+def _reusable(out: Path, model_dir: Path, dataset, n, seq_len, seed, all_experts, dtype) -> bool:
     try:
-        return out.is_file() and CalibStats.load(out).matches(model_dir, dataset, n, seq_len, seed, all_experts)
+        return out.is_file() and CalibStats.load(out).matches(model_dir, dataset, n, seq_len, seed, all_experts,
+                                                              dtype)
     except BadInput:
         return False  # unreadable or older format: recompute
 
@@ -101,25 +108,24 @@ def _failed(e: BaseException, out: Path, checkpoints: LayerCheckpoints, created:
 
 
 def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, dataset, n, seq_len, seed, all_experts,
-               force, dtype, spill_bytes, micro_batch_tokens, progress) -> Path:
+               force, compute, spill_bytes, micro_batch_tokens, progress) -> Path:
     from calib.resume import run_key
-    from calib.stream import MICRO_BATCH_TOKENS, SPILL_BYTES, compute_dtype_for, stream_forward  # see calibrate()
+    from calib.stream import SPILL_BYTES, micro_batch_tokens_for, stream_forward  # see calibrate()
 
     t0 = time.time()
     dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
     spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
-    micro_batch_tokens = micro_batch_tokens or MICRO_BATCH_TOKENS
     ckpt = open_checkpoint(model_dir)
     try:
+        micro_batch_tokens = micro_batch_tokens or micro_batch_tokens_for(ckpt.config, seq_len)
         source = model_fingerprint(model_dir)
-        compute_dtype = compute_dtype_for(ckpt, dtype)
         data = load_calibration(model_dir, dataset, n, seq_len, seed)
         t_data = time.time()
         collector = StatsCollector(ckpt.config, all_experts=all_experts)
-        checkpoints.open(run_key(source, data, all_experts, compute_dtype, spill_bytes, micro_batch_tokens),
+        checkpoints.open(run_key(source, data, all_experts, compute, spill_bytes, micro_batch_tokens),
                          collector, force)
         # Spilled activations go to the checkpoint folder beside the output, not to /tmp (often RAM-backed tmpfs).
-        res = stream_forward(ckpt, data.ids, collector, dtype=compute_dtype, spill_bytes=spill_bytes,
+        res = stream_forward(ckpt, data.ids, collector, compute=compute, spill_bytes=spill_bytes,
                              micro_batch_tokens=micro_batch_tokens, tmp_dir=str(checkpoints.dir),
                              progress=progress and sys.stderr.isatty(),  # bars on terminals, not in logs
                              checkpoints=checkpoints)
@@ -132,7 +138,7 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         "dataset": data.dataset,
         "n": n, "seq_len": seq_len, "seed": seed, "all_experts": all_experts,
         "tokens": n * seq_len, "tokens_sampled_from": data.tokens_drawn_from,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "compute_dtype": compute.label["dtype"], "compute": compute.label, "micro_batch_tokens": res.micro_batch_tokens,
         **summary,
         "stepq_version": stepq.__version__,
         "versions": versions("torch", "transformers"),

@@ -33,7 +33,7 @@ def _cmd_pull(args) -> int:
 
 def _calibration_settings(args) -> dict:
     return {"dataset": args.dataset, "n": args.num_samples, "seq_len": args.seq_len, "seed": args.seed,
-            "all_experts": bool(args.all_experts)}
+            "all_experts": bool(args.all_experts), "device": args.device, "dtype": args.dtype}
 
 
 def _cmd_calibrate(args) -> int:
@@ -50,7 +50,7 @@ def _cmd_calibrate(args) -> int:
 GGUF_ONLY = {"qtype": "--qtype", "no_mtp": "--no-mtp", "mtp_only": "--mtp-only", "imatrix": "--imatrix"}
 SAFETENSORS_ONLY = {"recipe": "--recipe", "method": "--method", "allow_nonfinite": "--allow-nonfinite"}
 CALIBRATION = {"stats": "--stats", "dataset": "--dataset", "num_samples": "--num-samples", "seq_len": "--seq-len",
-               "all_experts": "--all-experts"}
+               "all_experts": "--all-experts", "device": "--device", "dtype": "--dtype"}
 
 
 def _given(args, flags: dict[str, str]) -> list[str]:
@@ -176,7 +176,7 @@ def _cmd_eval(args) -> int:
     tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
     print(evaluate(args.artifact, folder, args.out, dataset=args.dataset, n=args.num_samples, seq_len=args.seq_len,
                    seed=args.seed, tasks=tasks, task_limit=args.task_limit, speed=not args.no_speed,
-                   engine_check=not args.no_engine_check, force=args.force))
+                   engine_check=not args.no_engine_check, force=args.force, device=args.device, dtype=args.dtype))
     return 0
 
 
@@ -189,6 +189,15 @@ def _add_calibration_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--all-experts", action="store_true", default=None,
                    help="every token also reaches every expert, for statistics only (routing stays top-k)")
+    _add_compute_args(g)
+
+
+def _add_compute_args(g) -> None:
+    g.add_argument("--device", help="where the layer-streamed forward runs: auto (default: a CUDA GPU if there is "
+                                    "one, else the CPU), cpu, cuda, cuda:N")
+    g.add_argument("--dtype",
+                   help="activations between operations: bfloat16 (default; GEMMs accumulate in fp32, statistics "
+                        "are fp32) or float32 (for comparisons)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-speed", action="store_true", help="skip llama-bench")
     s.add_argument("--no-engine-check", action="store_true", help="skip the vLLM load check")
     s.add_argument("--force", action="store_true", help="start over instead of resuming an interrupted eval")
+    _add_compute_args(s)
     s.set_defaults(run=_cmd_eval)
     return p
 
