@@ -123,6 +123,29 @@ def use_gemm_linears(module: nn.Module, compute: Compute) -> None:
             m.compute = compute
 
 
+def in_token_blocks(module: nn.Module, max_tokens: int) -> None:
+    """Run `module` (a Step3p7Attention: whole sequences; an MLP: any tokens) on at most `max_tokens` tokens per call,
+    so its intermediates (a [tokens, 12288] fp32 query, a [tokens, 11264] dense-MLP activation on the real model)
+    stay bounded while the micro-batch is sized for the expert GEMMs."""
+    forward = module.forward
+
+    def attention(hidden_states, *args, **kwargs):
+        b, t = hidden_states.shape[:2]
+        per = max(1, max_tokens // t)
+        if b <= per:
+            return forward(hidden_states, *args, **kwargs)
+        return torch.cat([forward(hidden_states[i:i + per], *args, **kwargs)[0] for i in range(0, b, per)]), None
+
+    def mlp(x):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] <= max_tokens:
+            return forward(x)
+        return torch.cat([forward(flat[i:i + max_tokens]) for i in range(0, flat.shape[0], max_tokens)]).reshape(
+            *x.shape[:-1], -1)
+
+    module.forward = attention if hasattr(module, "q_proj") else mlp
+
+
 def chunked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function (registered as `stepq_chunked`): SDPA one sequence and one block of queries
     at a time, so the score memory stays below SCORE_BYTES whatever the micro-batch, in the GEMM dtype; a sliding

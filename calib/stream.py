@@ -34,7 +34,7 @@ from transformers.models.step3p7.modeling_step3p7 import (
     Step3p7RotaryEmbedding,
 )
 
-from calib.compute import ATTENTION_IMPL, Compute, register_attention, use_gemm_linears
+from calib.compute import ATTENTION_IMPL, Compute, gemm, in_token_blocks, register_attention, use_gemm_linears
 from calib.moe import GroupedMoE, Router, StackExperts
 from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
@@ -46,6 +46,8 @@ SPILL_BYTES = 1 << 30           # an activation tensor above this goes to disk (
 TOKENS_PER_EXPERT = 512         # micro-batches are sized so that each routed expert's GEMMs see about this many rows
 MIN_MICRO_BATCH_TOKENS = 4096   # ... and never smaller (dense layers, attention)
 MAX_MICRO_BATCH_TOKENS = 32768  # ... nor larger (bounds the micro-batch's activations)
+BLOCK_TOKENS = 4096             # attention and dense MLPs run on at most this many tokens at a time
+HEAD_TOKENS = 1024              # logits are computed (and handed to the sink) this many positions at a time
 DEVICE_ACTIVATION_SHARE = 0.5   # on a GPU, activations stay on the device up to this share of its free memory
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored raw
 
@@ -144,12 +146,13 @@ class Activations:
 
 
 class HeadSink(Protocol):
-    """Receives logits as the stream computes them, one micro-batch of sequences at a time (fp32, on the device):
-    `trunk(rows, logits [b, L, V])` and `mtp(depth, rows, logits [b, L-depth, V])`. A stream with a sink reads the
-    lm_head and runs the MTP heads' output projections; without one it never does."""
+    """Receives logits as the stream computes them, fp32 on the device, at most HEAD_TOKENS positions of one
+    sequence at a time: `trunk(row, start, logits [t, V])` for positions start..start+t-1 of sequence `row`, and
+    `mtp(depth, row, start, logits [t, V])` for MTP depth `depth` (positions 0..L-depth-1). A stream with a sink
+    reads the lm_head and runs the MTP heads' output projections; without one it never does."""
 
-    def trunk(self, rows: slice, logits: torch.Tensor) -> None: ...
-    def mtp(self, depth: int, rows: slice, logits: torch.Tensor) -> None: ...
+    def trunk(self, row: int, start: int, logits: torch.Tensor) -> None: ...
+    def mtp(self, depth: int, row: int, start: int, logits: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -166,13 +169,25 @@ class _KeepLogits:
     """The sink behind keep_outputs=True: every logit in host memory (the tests and the fixture only)."""
 
     def __init__(self):
-        self.trunk_parts, self.mtp_parts = [], {}
+        self.parts: dict[int, dict[int, list[torch.Tensor]]] = {}  # depth (0: trunk) -> row -> blocks in order
 
-    def trunk(self, rows, logits):
-        self.trunk_parts.append(logits.cpu())
+    def trunk(self, row, start, logits):
+        self.parts.setdefault(0, {}).setdefault(row, []).append(logits.cpu())
 
-    def mtp(self, depth, rows, logits):
-        self.mtp_parts.setdefault(depth, []).append(logits.cpu())
+    def mtp(self, depth, row, start, logits):
+        self.parts.setdefault(depth, {}).setdefault(row, []).append(logits.cpu())
+
+    def stacked(self, depth: int) -> torch.Tensor:
+        rows = self.parts[depth]
+        return torch.stack([torch.cat(rows[r]) for r in sorted(rows)])
+
+
+def _heads(hidden: torch.Tensor, weight: torch.Tensor, compute: Compute, first_row: int, emit) -> None:
+    """Logits of hidden [b, t, H] through `weight`, HEAD_TOKENS positions of a sequence at a time -> emit(row, start,
+    logits): a [micro-batch, V] fp32 block would be 9.5 GB on the real vocabulary."""
+    for r in range(hidden.shape[0]):
+        for p in range(0, hidden.shape[1], HEAD_TOKENS):
+            emit(first_row + r, p, gemm(hidden[r, p:p + HEAD_TOKENS], weight, compute, torch.float32))
 
 
 def masks(t: int, sliding_window: int | None, device=None) -> dict[str, torch.Tensor]:
@@ -245,6 +260,8 @@ def build_layer(ckpt: Checkpoint, layer: int, compute: Compute, heads: bool = Fa
     for m in module.modules():
         if isinstance(m, (Step3p7Attention, GroupedMoE)):
             m.compute = compute
+        if isinstance(m, (Step3p7Attention, Step3p7MLP)):
+            in_token_blocks(m, BLOCK_TOKENS)
     if experts:
         block.mlp.experts = StackExperts(
             ckpt, (experts[Role.EXPERTS_GATE], experts[Role.EXPERTS_UP], experts[Role.EXPERTS_DOWN]),
@@ -422,9 +439,7 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
                 if observer:
                     observer.head_input("lm_head", h)
                 if lm_head is not None:
-                    from calib.compute import gemm
-
-                    heads.trunk(rows(b), gemm(h, lm_head, compute, torch.float32))
+                    _heads(h, lm_head, compute, b, heads.trunk)
                 if keep_outputs:
                     hidden.append(xb.cpu())
             if keep_outputs:
@@ -455,9 +470,8 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
                         if observer:
                             observer.head_input(f"{prefix}transformer.shared_head.output", h)
                         if heads is not None:
-                            from calib.compute import gemm
-
-                            heads.mtp(k, rows(b), gemm(h, head.output.weight, compute, torch.float32))
+                            _heads(h, head.output.weight, compute, b,
+                                   lambda row, start, logits, k=k: heads.mtp(k, row, start, logits))
                     bar.update((rows(b).stop - b) * t)
             if observer:
                 observer.detach(i)
@@ -468,7 +482,7 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         pipeline.close()
     x.close()
     if keep_outputs:
-        res.logits = torch.cat(heads.trunk_parts)
-        res.mtp_logits = [torch.cat(heads.mtp_parts[k]) for k in sorted(heads.mtp_parts)]
+        res.logits = heads.stacked(0)
+        res.mtp_logits = [heads.stacked(k) for k in range(1, len(cfg.mtp_layers) + 1)]
     res.timings["stream_s"] = time.time() - t_start
     return res
