@@ -146,18 +146,19 @@ def _experts_forward(fqs):
     return forward
 
 
-def source_outputs(source: Checkpoint, ids: torch.Tensor, progress: bool = True) -> Outputs:
-    res = stream_forward(source, ids, keep_outputs=True, progress=progress)
+def source_outputs(source: Checkpoint, ids: torch.Tensor, progress: bool = True, compute=None) -> Outputs:
+    res = stream_forward(source, ids, keep_outputs=True, progress=progress, compute=compute)
     return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits])
 
 
 def artifact_outputs(source: Checkpoint, artifact: str | Path, ids: torch.Tensor,
-                     progress: bool = True) -> tuple[Outputs, list[str]]:
+                     progress: bool = True, compute=None) -> tuple[Outputs, list[str]]:
     """-> (outputs, the modules whose inputs were quantized)."""
     reader = ArtifactReader(artifact)
     try:
         quantizer = InputQuantizer(reader, source.config.raw)
-        res = stream_forward(ArtifactWeights(source, reader), ids, quantizer, keep_outputs=True, progress=progress)
+        res = stream_forward(ArtifactWeights(source, reader), ids, quantizer, keep_outputs=True, progress=progress,
+                             compute=compute)
     finally:
         reader.close()
     return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits]), quantizer.hooked

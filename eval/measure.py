@@ -88,21 +88,24 @@ def _source_key(source: Checkpoint, ids: torch.Tensor) -> str:
     return digest({"model": model_fingerprint(source.dir), "ids": _ids_sha(ids)})[:16]
 
 
-def _reference_key(source: Checkpoint, ids: torch.Tensor) -> str:
-    """The source and tokens, and the code computing the reference (the forward is transformers' Step-3.5 layers)."""
-    return digest({"source": _source_key(source, ids), "forward": versions("stepq", "torch", "transformers")})[:16]
+def _reference_key(source: Checkpoint, ids: torch.Tensor, compute) -> str:
+    """The source and tokens, and the code computing the reference (the forward is transformers' Step-3.5 layers)
+    and where: the device kind and dtypes round differently."""
+    return digest({"source": _source_key(source, ids), "forward": versions("stepq", "torch", "transformers"),
+                   "compute": {**compute.label, "device": compute.device.type}})[:16]
 
 
-def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, progress: bool) -> forward.Outputs:
+def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, progress: bool,
+                      compute) -> forward.Outputs:
     """BF16 logits and MTP logits of the source on `ids`, cached under `cache_dir/<source+tokens key>.safetensors`
     (written atomically: another eval of the same source may be reading or writing it)."""
-    path = cache_dir / f"{_reference_key(source, ids)}.safetensors"
+    path = cache_dir / f"{_reference_key(source, ids, compute)}.safetensors"
     if path.is_file():
         try:
             return _as_outputs(load_file(path))
         except (SafetensorError, OSError, KeyError) as e:
             log.warning("%s: cached reference outputs unreadable (%s); computing them again", path, e)
-    out = forward.source_outputs(source, ids, progress)
+    out = forward.source_outputs(source, ids, progress, compute)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{path.name}{TEMP_MARK}{os.getpid()}"
     try:
@@ -193,17 +196,18 @@ def _expert_load(model_dir: Path, out_root: Path) -> dict:
 
 def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint, provenance: dict, is_gguf: bool,
              files_before: dict[str, str], partial: Path, timings: dict, *, dataset, n, seq_len, seed, tasks,
-             task_limit, speed, engine_check, progress) -> dict:
+             task_limit, speed, engine_check, progress, compute) -> dict:
     """The report: every measurement, the expensive ones through the stages kept in `partial`; `dataset` as the
     user gave it (None: the default eval text)."""
     t = time.time()
     text = eval_text(model_dir, dataset, n, seq_len, seed)
     stages = _Stages(partial, {"artifact": files_before, "source": _source_key(source, text.ids),
-                               "versions": versions(*EVAL_TOOLS)})
+                               "versions": versions(*EVAL_TOOLS),
+                               "compute": {**compute.label, "device": compute.device.type}})
     timings["open_s"] = time.time() - t
 
     t = time.time()
-    ref = reference_outputs(source, text.ids, out_root / f"{model_name(model_dir)}-evalref", progress)
+    ref = reference_outputs(source, text.ids, out_root / f"{model_name(model_dir)}-evalref", progress, compute)
     ref_acc = mtp_acceptance(ref.logits, ref.mtp_logits)
     timings["reference_s"] = time.time() - t
 
@@ -221,7 +225,7 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
         engines = {"vllm_load": not_measured("GGUF artifacts are for llama.cpp")}
     else:
         tensors, _ = stages.run("forward", {}, lambda: (
-            _as_tensors(forward.artifact_outputs(source, artifact, text.ids, progress)[0]), None))
+            _as_tensors(forward.artifact_outputs(source, artifact, text.ids, progress, compute)[0]), None))
         q = _as_outputs(tensors)
         q_logits = q.logits
         mtp = _mtp_rows(mtp_acceptance(q.logits, q.mtp_logits), ref_acc) if ref_acc else not_measured(
@@ -268,6 +272,7 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
         "engines": engines,
         "hardware": _hardware(),
         "versions": versions(*EVAL_TOOLS),
+        "compute": compute.label,
         "timings": timings,
     }
 

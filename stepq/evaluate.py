@@ -30,9 +30,14 @@ from eval.schema import REPORT_DIR
 def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "out", *, dataset: str | None = None,
              n: int | None = None, seq_len: int | None = None, seed: int = 0, tasks: list[str] | None = None,
              task_limit: int | None = None, speed: bool = True, engine_check: bool = True,
-             progress: bool = True, force: bool = False) -> Path:
+             progress: bool = True, force: bool = False, device: str | None = None,
+             dtype: str | None = None) -> Path:
     """Evaluate `artifact` against the BF16 checkpoint in `model`; returns ARTIFACT/eval/report.json. Resumes what
-    an interrupted eval of the same artifact finished, unless `force`."""
+    an interrupted eval of the same artifact finished, unless `force`. `device` / `dtype`: where and in what
+    precision stepq's forward runs (calib.compute; auto and bfloat16 by default)."""
+    from calib.compute import resolve
+
+    compute = resolve(device or "auto", dtype or "bfloat16")  # before anything is read or written
     artifact, model_dir, out_root = Path(artifact), Path(model), Path(out_root)
     provenance = read_json_object(artifact / "stepq.json")
     is_gguf = any(artifact.glob("*.gguf"))
@@ -51,7 +56,8 @@ def evaluate(artifact: str | Path, model: str | Path, out_root: str | Path = "ou
             try:
                 report = measure(artifact, model_dir, out_root, source, provenance, is_gguf, files_before, partial,
                                  timings, dataset=dataset, n=n, seq_len=seq_len, seed=seed, tasks=tasks,
-                                 task_limit=task_limit, speed=speed, engine_check=engine_check, progress=progress)
+                                 task_limit=task_limit, speed=speed, engine_check=engine_check, progress=progress,
+                                 compute=compute)
                 if artifact_stats(artifact) != stats_before:
                     raise BadInput(f"{artifact}: files changed while it was being evaluated; run eval again")
             except BadInput as e:
