@@ -1,6 +1,7 @@
 # stepq: each target wraps one `stepq` command.
 # Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact)
 # IMATRIX (=1: GGUF K/IQ quants with an importance matrix from stepq's calibration).
+# DEVICE (auto, cpu, cuda, cuda:N) and DTYPE (bfloat16, float32): where calibration and eval run their forward.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -23,6 +24,9 @@ LAST_ARTIFACT = $(shell cat $(OUT)/.last-artifact 2>/dev/null)
 TASKS ?=
 FORCE ?=
 IMATRIX ?=
+DEVICE ?=
+DTYPE ?=
+COMPUTE = $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE))
 
 .PHONY: setup pull calibrate quant-fp8 quant-nvfp4 quant-gguf eval gate publish bench test fixture inspect clean
 
@@ -44,13 +48,13 @@ inspect: $(STAMP)
 	$(STEPQ) inspect $(MODEL)
 
 calibrate: $(STAMP)
-	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force)
+	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force) $(COMPUTE)
 
 quant-fp8: $(STAMP)
 	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
 
 quant-nvfp4: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(COMPUTE)
 
 # quant-gguf: QTYPE=Q4_K_M (default); IMATRIX=1 quantizes with stepq's calibration (required by IQ2_XXS, IQ2_XS,
 # IQ2_S, IQ2_M, IQ3_XXS, IQ1_S, IQ1_M); NO_MTP=1 drops the MTP head; MTP_ONLY=1 writes only the MTP draft
@@ -60,7 +64,7 @@ quant-gguf: $(STAMP) llama-cpp
 
 # ARTIFACT defaults to the variant the last `make quant-*` wrote (OUT/.last-artifact).
 eval: $(STAMP)
-	$(STEPQ) eval $(or $(ARTIFACT),$(LAST_ARTIFACT)) --model $(MODEL) --out $(OUT) $(if $(DATASET),--dataset $(DATASET)) $(if $(TASKS),--tasks $(TASKS)) $(if $(FORCE),--force)
+	$(STEPQ) eval $(or $(ARTIFACT),$(LAST_ARTIFACT)) --model $(MODEL) --out $(OUT) $(if $(DATASET),--dataset $(DATASET)) $(if $(TASKS),--tasks $(TASKS)) $(if $(FORCE),--force) $(COMPUTE)
 
 # gate: POLICY= a policy YAML (default: eval/policies/, by source model); BASELINE= the last release's report
 # (report.json, artifact folder or Hub repo id) for the regression rules. Exit 1 when the gate fails.
