@@ -1,11 +1,9 @@
 """Layer-streamed forward: one decoder layer's weights at a time, all calibration (or eval) activations through it.
 
-Each layer is transformers' `Step3p7DecoderLayer` (or `calib.reference.MtpLayer` for the MTP head) built on the
-meta device and given the checkpoint's tensors with `load_state_dict(assign=True)` (views of the memory-mapped
-shards: no copy), named by `calib.reference.from_checkpoint_names`; its MoE block is `calib.moe.GroupedMoE`, its
-linears and attention run through `calib.compute` (device, bf16 activations, GEMM dtype, attention in blocks). Masks
-and RoPE follow `calib.reference.ReferenceModel`. The next layer is built (and its bytes read ahead, or copied to the
-GPU) on a background thread while the current one runs. Activations live on the device or in RAM below
+Each layer is built by `calib.layers` (transformers' Step3p7 layer over the checkpoint's own tensors, the MoE block
+`calib.moe.GroupedMoE`, GEMMs and attention through `calib.compute`: device, bf16 activations, GEMM dtype); the
+next layer is built (its bytes read ahead, or copied to the GPU) on a background thread while the current one runs.
+Masks and RoPE follow `calib.reference.ReferenceModel`. Activations live on the device or in RAM below
 `spill_bytes` and in a numpy memmap on disk above it. An observer (calib.stats) sees each layer while it runs;
 logits are only computed when a `HeadSink` asks for them (eval, the golden tests), never during calibration. With
 `checkpoints` (calib.resume) each finished layer's output is persisted, and a re-run starts after the last one.
@@ -26,27 +24,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers.models.step3p7.modeling_step3p7 import (
-    Step3p7Attention,
-    Step3p7DecoderLayer,
-    Step3p7MLP,
-    Step3p7RMSNorm,
-    Step3p7RotaryEmbedding,
-)
+from transformers.models.step3p7.modeling_step3p7 import Step3p7RMSNorm, Step3p7RotaryEmbedding
 
-from calib.compute import ATTENTION_IMPL, Compute, gemm, in_token_blocks, register_attention, use_gemm_linears
-from calib.moe import GroupedMoE, Router, StackExperts
-from calib.reference import MtpLayer, from_checkpoint_names, mtp_rope_problem, text_config
+from calib.compute import Compute, gemm
+from calib.layers import LayerPipeline, on_device
+from calib.reference import mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
 from convert.durable import replace_durably, write_atomic
 from convert.errors import BadInput
-from quant.roles import EXPERT_ROLES, Role
 
 SPILL_BYTES = 1 << 30           # an activation tensor above this goes to disk (a layer holds its input and output)
 TOKENS_PER_EXPERT = 512         # micro-batches are sized so that each routed expert's GEMMs see about this many rows
 MIN_MICRO_BATCH_TOKENS = 4096   # ... and never smaller (dense layers, attention)
 MAX_MICRO_BATCH_TOKENS = 32768  # ... nor larger (bounds the micro-batch's activations)
-BLOCK_TOKENS = 4096             # attention and dense MLPs run on at most this many tokens at a time
 HEAD_TOKENS = 1024              # logits are computed (and handed to the sink) this many positions at a time
 DEVICE_ACTIVATION_SHARE = 0.5   # on a GPU, activations stay on the device up to this share of its free memory
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # bf16 stored raw
@@ -207,114 +197,6 @@ def micro_batch_tokens_for(cfg, seq_len: int) -> int:
     return max(seq_len, want // seq_len * seq_len)
 
 
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _on_device(w: torch.Tensor, compute: Compute) -> torch.Tensor:
-    """A float tensor as the layer holds it: on the device, in its stored dtype (a CPU view stays the view)."""
-    return w if w.device == compute.device else w.to(compute.device, non_blocking=True)
-
-
-def _grouped_moe(config, layer: int, mlp_prefix: str) -> GroupedMoE:
-    limits = config.swiglu_limits
-    router = Router(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                    normalize=bool(getattr(config, "norm_expert_weight", True)))
-    return GroupedMoE(router, Step3p7MLP(config, layer, is_shared_expert=True),
-                      (limits[layer] or None) if limits else None, config.moe_router_scaling_factor, layer)
-
-
-def build_layer(ckpt: Checkpoint, layer: int, compute: Compute, heads: bool = False) -> tuple[nn.Module, str]:
-    """One decoder layer (trunk) or MtpLayer (MTP head) over the checkpoint's tensors -> (module, name prefix).
-
-    Weights are the checkpoint's own tensors (memory-map views on CPU; copies on a GPU), not widened; the router in
-    fp32. Routed experts are read one at a time when the layer runs (`StackExperts`). `heads`: also load the MTP
-    head's output projection (a vocabulary-sized matrix; only eval computes MTP logits)."""
-    cfg = ckpt.config
-    names = _layer_names(ckpt, layer, heads)
-    experts = {ckpt.tensors[n].info.role: n for n in names if ckpt.tensors[n].info.role in EXPERT_ROLES}
-    plain = {n: ckpt.read(n) for n in names if n not in experts.values()}
-    tensors = from_checkpoint_names(plain, cfg.raw)
-    register_attention()
-    if cfg.is_mtp(layer):
-        prefix = f"mtp.{layer - cfg.num_trunk_layers}."
-        config = text_config(cfg.raw, with_mtp=True)
-    else:
-        prefix = f"model.layers.{layer}."
-        config = text_config(cfg.raw)
-    config._attn_implementation = ATTENTION_IMPL
-    config.norm_expert_weight = cfg.raw.get("norm_expert_weight", True)
-    with torch.device("meta"):
-        module = MtpLayer(config, layer) if cfg.is_mtp(layer) else Step3p7DecoderLayer(config, layer)
-        block = module.mtp_block if cfg.is_mtp(layer) else module
-        if experts:
-            block.mlp = _grouped_moe(config, layer, "mlp.")
-    state = _strip(tensors, prefix)
-    for name, w in state.items():
-        router = name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
-        state[name] = _on_device(w.float() if router else w, compute)  # engines route in fp32
-    if cfg.is_mtp(layer) and not heads:
-        module.transformer.shared_head.output = None
-    module.load_state_dict(state, strict=True, assign=True)
-    use_gemm_linears(module, compute)
-    for m in module.modules():
-        if isinstance(m, (Step3p7Attention, GroupedMoE)):
-            m.compute = compute
-        if isinstance(m, (Step3p7Attention, Step3p7MLP)):
-            in_token_blocks(m, BLOCK_TOKENS)
-    if experts:
-        block.mlp.experts = StackExperts(
-            ckpt, (experts[Role.EXPERTS_GATE], experts[Role.EXPERTS_UP], experts[Role.EXPERTS_DOWN]),
-            cfg.num_experts, compute)
-        if compute.device.type != "cpu":  # a GPU holds the layer's stacks (9 GB on the real model) while it runs
-            block.mlp.experts.preloaded = tuple(_on_device(ckpt.read(n), compute) for n in block.mlp.experts.names)
-    return module.eval(), prefix
-
-
-def _layer_names(ckpt: Checkpoint, layer: int, heads: bool) -> list[str]:
-    """The layer's tensors, without an MTP head's output projection unless logits are wanted."""
-    return [n for n, t in ckpt.tensors.items() if t.info.layer == layer and (heads or t.info.role != Role.MTP_HEAD)]
-
-
-def prefetch(ckpt: Checkpoint, layer: int, heads: bool) -> None:
-    """Ask the kernel to read `layer`'s bytes ahead (a memory-mapped source; other weight sources read on use)."""
-    if hasattr(ckpt, "shards"):
-        for n in _layer_names(ckpt, layer, heads):
-            ckpt.shards[ckpt.tensors[n].shard].will_need(n)
-
-
-class _LayerPipeline:
-    """Builds layers on one background thread, one ahead of the layer that runs: its bytes are read (CPU: read ahead
-    by the kernel; GPU: copied to the device) while the current layer computes."""
-
-    def __init__(self, ckpt, order: list[int], compute: Compute, heads: bool):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.ckpt, self.order, self.compute, self.heads = ckpt, order, compute, heads
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepq-layer")
-        self.pending: dict[int, object] = {}
-        self._ahead(0)
-
-    def _ahead(self, pos: int) -> None:
-        if pos < len(self.order):
-            i = self.order[pos]
-            self.pending[i] = self.pool.submit(self._build, i)
-
-    def _build(self, i: int):
-        prefetch(self.ckpt, i, self.heads)
-        return build_layer(self.ckpt, i, self.compute, self.heads)
-
-    def get(self, i: int) -> tuple[nn.Module, str]:
-        built = self.pending.pop(i).result()
-        self._ahead(self.order.index(i) + 1)
-        return built
-
-    def close(self) -> None:
-        for f in self.pending.values():
-            f.cancel()
-        self.pool.shutdown(wait=True)
-
-
 def _check_mtp_rope(cfg) -> None:
     """MTP layers run with the trunk's sliding-attention RoPE table (as in ReferenceModel): refuse configs where
     that would be wrong."""
@@ -404,7 +286,7 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         res.timings["embed_s"] = time.time() - t_start
 
     order = [i for i in range(cfg.num_layers) if i > done]
-    pipeline = _LayerPipeline(ckpt, order, compute, heads is not None)
+    pipeline = LayerPipeline(ckpt, order, compute, heads is not None)
     try:
         for i in range(done + 1, cfg.num_trunk_layers):
             t0 = time.time()
@@ -430,7 +312,7 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         if done < cfg.num_trunk_layers:
             t0 = time.time()
             norm = Step3p7RMSNorm(h_dim, eps=trunk_config.rms_norm_eps)
-            norm.weight = nn.Parameter(_on_device(ckpt.read("model.norm.weight"), compute), requires_grad=False)
+            norm.weight = nn.Parameter(on_device(ckpt.read("model.norm.weight"), compute), requires_grad=False)
             lm_head = ckpt.read("lm_head.weight") if heads is not None else None
             hidden = []
             for b in range(0, n_seq, bsz):

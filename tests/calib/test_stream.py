@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-import calib.stream as stream
+import calib.layers as layers
 from calib.data import load_calibration
 from calib.reference import load_reference
 from calib.stream import Activations, stream_forward
@@ -54,7 +54,7 @@ def test_one_layer_ahead_at_most_and_no_heads_read(model_dir, ids, monkeypatch):
     """The layer that runs and the one built ahead of it are the only ones alive; without a head sink neither the
     lm_head nor an MTP head's output projection is read."""
     built, reads = [], []
-    orig_build = stream.build_layer
+    orig_build = layers.build_layer
 
     def build(ckpt, layer, compute, heads=False):
         gc.collect()
@@ -64,7 +64,7 @@ def test_one_layer_ahead_at_most_and_no_heads_read(model_dir, ids, monkeypatch):
         built.append(weakref.ref(module))
         return module, prefix
 
-    monkeypatch.setattr(stream, "build_layer", build)
+    monkeypatch.setattr(layers, "build_layer", build)
     ckpt = open_checkpoint(model_dir)
     orig_read = ckpt.read
     ckpt.read = lambda name: reads.append(name) or orig_read(name)
