@@ -28,6 +28,8 @@ from convert.errors import BadInput
 
 @dataclass
 class Outputs:
+    """Every logit in memory: the tests only ([N, T, V] is 8.4 GB on the real model's eval set)."""
+
     logits: torch.Tensor                 # [N, T, V] float32
     mtp_logits: list[torch.Tensor]       # depth k: [N, T-k, V]
 
@@ -146,22 +148,40 @@ def _experts_forward(fqs):
     return forward
 
 
+def source_forward(source: Checkpoint, ids: torch.Tensor, heads, progress: bool = True, compute=None) -> None:
+    """The source's trunk and MTP logits handed to `heads` (a `calib.stream.HeadSink`), a block at a time."""
+    stream_forward(source, ids, heads=heads, progress=progress, compute=compute)
+
+
+def artifact_forward(source: Checkpoint, artifact: str | Path, ids: torch.Tensor, heads,
+                     progress: bool = True, compute=None) -> list[str]:
+    """The artifact's logits handed to `heads` -> the modules whose inputs were quantized."""
+    return _artifact_stream(source, artifact, ids, progress, compute, heads=heads)[1]
+
+
+def _artifact_stream(source: Checkpoint, artifact: str | Path, ids: torch.Tensor, progress: bool, compute,
+                     **stream_kw):
+    reader = ArtifactReader(artifact)
+    try:
+        quantizer = InputQuantizer(reader, source.config.raw)
+        res = stream_forward(ArtifactWeights(source, reader), ids, quantizer, progress=progress, compute=compute,
+                             **stream_kw)
+    finally:
+        reader.close()
+    return res, quantizer.hooked
+
+
 def source_outputs(source: Checkpoint, ids: torch.Tensor, progress: bool = True, compute=None) -> Outputs:
+    """Every logit in memory (the tests, on the fixture): `source_forward` is what the eval runs."""
     res = stream_forward(source, ids, keep_outputs=True, progress=progress, compute=compute)
     return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits])
 
 
 def artifact_outputs(source: Checkpoint, artifact: str | Path, ids: torch.Tensor,
                      progress: bool = True, compute=None) -> tuple[Outputs, list[str]]:
-    """-> (outputs, the modules whose inputs were quantized)."""
-    reader = ArtifactReader(artifact)
-    try:
-        quantizer = InputQuantizer(reader, source.config.raw)
-        res = stream_forward(ArtifactWeights(source, reader), ids, quantizer, keep_outputs=True, progress=progress,
-                             compute=compute)
-    finally:
-        reader.close()
-    return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits]), quantizer.hooked
+    """-> (every logit in memory, the modules whose inputs were quantized); the tests' `artifact_forward`."""
+    res, hooked = _artifact_stream(source, artifact, ids, progress, compute, keep_outputs=True)
+    return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits]), hooked
 
 
 class InMemoryModel:

@@ -1,5 +1,6 @@
-"""A GGUF variant measured in llama.cpp: logits on the eval tokens, MTP draft acceptance and llama-bench speed,
-the last two against the BF16 GGUF of the same source in the same run (written first when missing)."""
+"""A GGUF variant measured in llama.cpp: logits on the eval tokens (handed to the eval's sink one sequence at a time,
+`eval.metrics.PositionSink`), MTP draft acceptance and llama-bench speed, the last two against the BF16 GGUF of the
+same source in the same run (written first when missing)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def bf16_baseline(model_dir: Path, out_root: Path) -> Path:
     return main_file(folder)
 
 
-def measure(artifact: Path, model_dir: Path, out_root: Path, ids: torch.Tensor, speed: bool = True):
-    """-> (logits [N, T, V], mtp rows or not_measured, speed part of the report)."""
+def measure(artifact: Path, model_dir: Path, out_root: Path, ids: torch.Tensor, sink, speed: bool = True):
+    """Trunk logits of every sequence to `sink.trunk` -> (mtp rows or not_measured, speed part of the report)."""
     gguf = main_file(artifact)
     with LlamaCppModel(gguf) as m:
-        logits = m.logits(ids)
+        for row in range(ids.shape[0]):
+            sink.trunk(row, 0, m.logits(ids[row:row + 1])[0])
     baseline = bf16_baseline(model_dir, out_root)
 
     tok = load_tokenizer(model_dir)
@@ -62,4 +64,4 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, ids: torch.Tensor, 
         q_b, ref_b = bench[str(gguf)], bench[str(baseline)]
         part = {"llama_bench": {"artifact": q_b, "bf16": ref_b}, "ratios": speed_ratios(q_b, ref_b)}
     part["vllm"] = not_measured("GGUF variants are served by llama.cpp")
-    return logits, mtp, part
+    return mtp, part

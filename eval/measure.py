@@ -1,13 +1,15 @@
 """The eval stage's measurements of one variant against its BF16 source (`stepq eval` runs `measure` between
 opening the inputs and publishing the report).
 
-Held-out tokens -> BF16 reference outputs (cached per source + tokens) -> the variant's outputs from its files on
-disk (safetensors: stepq's streamed forward with the engine's input quantization; GGUF: llama.cpp) -> KLD / top-1 /
-PPL / MTP acceptance -> weight error -> lm-eval tasks -> speed and engine checks -> the report dict.
+Held-out tokens -> BF16 reference outputs (per-position log-probs on disk, cached per source + tokens + compute:
+`eval.reference`) -> the variant's logits from its files on disk (safetensors: stepq's streamed forward with the
+engine's input quantization; GGUF: llama.cpp), compared with the reference a block at a time and kept as
+per-position figures only (`eval.metrics.PositionSink`) -> KLD / top-1 / PPL / MTP acceptance -> weight error ->
+lm-eval tasks -> speed and engine checks -> the report dict.
 
-Resume: the expensive parts (the artifact's outputs, weight error, engine check, llama.cpp runs, tasks) are kept as
-they finish in the eval's partial folder, keyed by the artifact's files, the source, the tokens, the settings they
-depend on and the code's versions (`convert.ledger`); a killed eval re-run skips them.
+Resume: the expensive parts (the artifact's per-position figures, weight error, engine check, llama.cpp runs, tasks)
+are kept as they finish in the eval's partial folder, keyed by the artifact's files, the source, the tokens, the
+settings they depend on and the code's versions (`convert.ledger`); a killed eval re-run skips them.
 """
 
 from __future__ import annotations
@@ -22,28 +24,28 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from calib.data import FIXTURE_DATA, defaults_for, load_calibration, load_tokenizer
 from convert.checkpoint import Checkpoint
 from convert.config import model_name
-from convert.durable import replace_durably
 from convert.errors import BadInput
 from convert.gguf_export import read_gguf
 from convert.hashing import file_sha256
-from convert.ledger import TEMP_MARK, Stages
+from convert.ledger import Stages
 from convert.provenance import digest, versions
 from eval import forward
-from eval.metrics import mtp_acceptance, token_stats
+from eval.metrics import Positions, PositionSink, acceptance, token_figures
+from eval.reference import reference_outputs
 from eval.schema import REPORT_DIR, SCHEMA, not_measured
 from eval.weights import weight_error
 
 FIXTURE_TEXT = FIXTURE_DATA.with_name("eval.txt")
 FIXTURE_EVAL = (str(FIXTURE_TEXT), 16, 256)              # 4K held-out tokens: seconds per variant
-# The real model: a held-out chat split (calibration uses train_sft). Full-vocabulary logits are kept in memory
-# (8 x 2048 tokens x 128896 x 4 B = 8.4 GB); larger eval sets need top-k reference storage.
+# The real model: a held-out chat split (calibration uses train_sft). The reference's full-vocabulary log-probs take
+# 8 x 2048 tokens x 128896 x 4 B = 8.4 GB on disk (memory-mapped); RAM holds a few numbers per position.
 MODEL_EVAL = ("HuggingFaceH4/ultrachat_200k:test_sft", 8, 2048)
+REFERENCE_FORMAT = "logprobs.npy + positions/1"  # what the reference cache and the stages keep: part of their keys
 IN_MEMORY_MAX_PARAMS = 2_000_000_000  # lm-eval through stepq's own forward only for small models
 log = logging.getLogger("stepq.evaluate")
 EVAL_TOOLS = ("stepq", "torch", "transformers", "compressed-tensors", "gguf", "lm-eval")
@@ -92,38 +94,7 @@ def _reference_key(source: Checkpoint, ids: torch.Tensor, compute) -> str:
     """The source and tokens, and the code computing the reference (the forward is transformers' Step-3.5 layers)
     and where: the device kind and dtypes round differently."""
     return digest({"source": _source_key(source, ids), "forward": versions("stepq", "torch", "transformers"),
-                   "compute": {**compute.label, "device": compute.device.type}})[:16]
-
-
-def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, progress: bool,
-                      compute) -> forward.Outputs:
-    """BF16 logits and MTP logits of the source on `ids`, cached under `cache_dir/<source+tokens key>.safetensors`
-    (written atomically: another eval of the same source may be reading or writing it)."""
-    path = cache_dir / f"{_reference_key(source, ids, compute)}.safetensors"
-    if path.is_file():
-        try:
-            return _as_outputs(load_file(path))
-        except (SafetensorError, OSError, KeyError) as e:
-            log.warning("%s: cached reference outputs unreadable (%s); computing them again", path, e)
-    out = forward.source_outputs(source, ids, progress, compute)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{path.name}{TEMP_MARK}{os.getpid()}"
-    try:
-        save_file(_as_tensors(out), tmp)
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def _as_tensors(out: forward.Outputs) -> dict[str, torch.Tensor]:
-    return {"logits": out.logits.contiguous(), **{f"mtp.{k}": m.contiguous()
-                                                  for k, m in enumerate(out.mtp_logits, start=1)}}
-
-
-def _as_outputs(t: dict[str, torch.Tensor]) -> forward.Outputs:
-    k = sum(1 for n in t if n.startswith("mtp."))
-    return forward.Outputs(t["logits"], [t[f"mtp.{i}"] for i in range(1, k + 1)])
+                   "compute": {**compute.label, "device": compute.device.type}, "stored": REFERENCE_FORMAT})[:16]
 
 
 class _Stages:
@@ -207,28 +178,34 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
     timings["open_s"] = time.time() - t
 
     t = time.time()
-    ref = reference_outputs(source, text.ids, out_root / f"{model_name(model_dir)}-evalref", progress, compute)
-    ref_acc = mtp_acceptance(ref.logits, ref.mtp_logits)
+    ref = reference_outputs(source, text.ids, out_root / f"{model_name(model_dir)}-evalref",
+                            _reference_key(source, text.ids, compute), progress, compute)
     timings["reference_s"] = time.time() - t
 
     t = time.time()
+    stored = {"stored": REFERENCE_FORMAT}
     if is_gguf:
         from eval import gguf_variant
 
         def llama_cpp():
-            logits, mtp, speed_part = gguf_variant.measure(artifact, model_dir, out_root, text.ids, speed=speed)
-            return {"logits": logits}, {"mtp": mtp, "speed": speed_part}
-        tensors, measured = stages.run("llama_cpp", {"speed": speed, "hardware": _hardware()}, llama_cpp)
-        q_logits, mtp, speed_part = tensors["logits"], measured["mtp"], measured["speed"]
+            sink = PositionSink(ref.logprobs, text.ids, depths=0)  # llama.cpp hands over trunk logits only
+            mtp, speed_part = gguf_variant.measure(artifact, model_dir, out_root, text.ids, sink, speed=speed)
+            return sink.positions().as_tensors(), {"mtp": mtp, "speed": speed_part}
+        tensors, measured = stages.run("llama_cpp", {"speed": speed, "hardware": _hardware(), **stored}, llama_cpp)
+        q = Positions.from_tensors(tensors)
+        mtp, speed_part = measured["mtp"], measured["speed"]
         timings["llama_cpp_s"] = time.time() - t
         weights = not_measured("GGUF: weight error is measured as KLD through llama.cpp")
         engines = {"vllm_load": not_measured("GGUF artifacts are for llama.cpp")}
     else:
-        tensors, _ = stages.run("forward", {}, lambda: (
-            _as_tensors(forward.artifact_outputs(source, artifact, text.ids, progress, compute)[0]), None))
-        q = _as_outputs(tensors)
-        q_logits = q.logits
-        mtp = _mtp_rows(mtp_acceptance(q.logits, q.mtp_logits), ref_acc) if ref_acc else not_measured(
+        def streamed():
+            sink = PositionSink(ref.logprobs, text.ids, depths=len(ref.drafts))
+            forward.artifact_forward(source, artifact, text.ids, sink, progress, compute)
+            return sink.positions().as_tensors(), None
+        tensors, _ = stages.run("forward", stored, streamed)
+        q = Positions.from_tensors(tensors)
+        ref_acc = acceptance(ref.greedy, ref.drafts)
+        mtp = _mtp_rows(acceptance(q.greedy, q.drafts), ref_acc) if ref_acc else not_measured(
             "the source has no MTP layers")
         timings["forward_s"] = time.time() - t
         t = time.time()
@@ -242,7 +219,7 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
                 "skipped (--no-engine-check)")}}))
         speed_part, engines = checked["speed"], checked["engines"]
         timings["engine_check_s"] = time.time() - t
-    accuracy = token_stats(ref.logits, q_logits, text.ids)
+    accuracy = token_figures(q, ref.nll)
     accuracy["mtp"] = mtp
 
     t = time.time()

@@ -42,7 +42,7 @@ def test_nvfp4_release_end_to_end(out, bundled_fixture, capsys):
     assert main(["publish", str(art), "--repo-id", "org/tiny-step35-NVFP4", "--dry-run"]) == 0
     assert "model-00001-of-00001.safetensors" in capsys.readouterr().out
     # the reference outputs are cached per source + tokens: a second eval reuses them
-    assert len(list((out / "tiny-step35-evalref").glob("*.safetensors"))) == 1
+    assert len(list((out / "tiny-step35-evalref").glob("*/logprobs.npy"))) == 1
 
 
 def test_gate_stops_an_artifact_with_doubled_scales(out, bundled_fixture, capsys):

@@ -2,7 +2,8 @@
 `.<artifact>-eval.partial/` beside the artifact as they finish, keyed by what they depend on; a killed eval re-run
 skips them and writes the same report; a changed file or setting redoes what depends on it; the report folder
 appears whole or not at all, and nothing of the eval's bookkeeping ever lands inside the artifact (the gate judges
-every file there). The reference outputs cache is written atomically and recomputed when unreadable.
+every file there). The reference outputs cache is written atomically and recomputed when unreadable; an eval whose
+reference outputs would not fit on the disk stops before any work.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import eval.forward as forward
 import eval.measure as measure
 import stepq.evaluate as evaluate
 from convert.ledger import LEDGER_NAME
@@ -140,13 +142,27 @@ def test_force_starts_over(reference, artifact, bundled_fixture, monkeypatch, ca
 
 def test_an_unreadable_reference_cache_is_computed_again(reference, artifact, bundled_fixture, caplog):
     assert main(_eval(artifact, bundled_fixture, "--tasks", "")) == 0
-    (cached,) = (artifact.parent / "out" / "tiny-step35-evalref").glob("*.safetensors")
-    cached.write_bytes(cached.read_bytes()[:1000])  # a disk error; the eval itself only ever renames whole files
+    (cached,) = (artifact.parent / "out" / "tiny-step35-evalref").iterdir()
+    logprobs = cached / "logprobs.npy"
+    size = logprobs.stat().st_size
+    logprobs.write_bytes(logprobs.read_bytes()[:1000])  # a disk error; the eval itself only ever renames whole folders
     caplog.set_level(logging.INFO)
     assert main(_eval(artifact, bundled_fixture, "--tasks", "")) == 0
     assert "cached reference outputs unreadable" in caplog.text
-    assert _same_as(reference, artifact) and cached.stat().st_size > 1000
-    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary file left
+    assert _same_as(reference, artifact) and logprobs.stat().st_size == size
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary folder left
+
+
+def test_no_room_for_the_reference_outputs_fails_before_any_work(artifact, bundled_fixture, monkeypatch, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1_000_000))
+    monkeypatch.setattr(forward, "source_forward", _crash)
+    monkeypatch.setattr(forward, "artifact_forward", _crash)
+    assert main(_eval(artifact, bundled_fixture, "--tasks", "")) == 2
+    cache = artifact.parent / "out" / "tiny-step35-evalref"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stepq: error: {cache}: the BF16 reference outputs need 1.6 MB, 1.0 MB free")  # 4 x 64 x 1536 x 4 B
+    assert not cache.exists() and not _partial(artifact).exists() and not (artifact / "eval").exists()
 
 
 @pytest.mark.soak
