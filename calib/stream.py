@@ -33,7 +33,7 @@ from convert.checkpoint import Checkpoint
 from convert.durable import replace_durably, write_atomic
 from convert.errors import BadInput
 
-SPILL_BYTES = 1 << 30           # an activation tensor above this goes to disk (a layer holds its input and output)
+SPILL_BYTES = 512 << 20         # an activation tensor above this goes to disk (a layer holds its input and output)
 TOKENS_PER_EXPERT = 512         # micro-batches are sized so that each routed expert's GEMMs see about this many rows
 MIN_MICRO_BATCH_TOKENS = 4096   # ... and never smaller (dense layers, attention)
 MAX_MICRO_BATCH_TOKENS = 32768  # ... nor larger (bounds the micro-batch's activations)
@@ -315,15 +315,17 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
             norm.weight = nn.Parameter(on_device(ckpt.read("model.norm.weight"), compute), requires_grad=False)
             lm_head = ckpt.read("lm_head.weight") if heads is not None else None
             hidden = []
-            for b in range(0, n_seq, bsz):
-                xb = x[rows(b)].to(dev, non_blocking=True)
-                h = norm(xb)
-                if observer:
-                    observer.head_input("lm_head", h)
-                if lm_head is not None:
-                    _heads(h, lm_head, compute, b, heads.trunk)
-                if keep_outputs:
-                    hidden.append(xb.cpu())
+            with _Progress(n_seq * seq_len, "lm_head", progress and lm_head is not None) as bar:
+                for b in range(0, n_seq, bsz):
+                    xb = x[rows(b)].to(dev, non_blocking=True)
+                    h = norm(xb)
+                    if observer:
+                        observer.head_input("lm_head", h)
+                    if lm_head is not None:
+                        _heads(h, lm_head, compute, b, heads.trunk)
+                    if keep_outputs:
+                        hidden.append(xb.cpu())
+                    bar.update((rows(b).stop - b) * seq_len)
             if keep_outputs:
                 res.hidden = torch.cat(hidden)
             res.timings["lm_head_s"] = time.time() - t0
