@@ -38,6 +38,30 @@ class ExpertHook(Protocol):
     `down_input(e, h)` -> the down projection's input (clamped SwiGLU). Both may return a changed tensor."""
 
 
+class HookSet:
+    """The hooks an observer put on one layer: torch forward hooks and `ExpertHook`s on MoE blocks, removed together
+    when the layer has run."""
+
+    def __init__(self):
+        self._handles: list = []
+        self._moe: list[tuple[GroupedMoE, object]] = []
+
+    def add(self, handle) -> None:
+        self._handles.append(handle)
+
+    def add_expert_hook(self, moe: GroupedMoE, hook) -> None:
+        moe.hooks.append(hook)
+        self._moe.append((moe, hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for moe, hook in self._moe:
+            moe.hooks.remove(hook)
+        self._handles.clear()
+        self._moe.clear()
+
+
 class Router(nn.Linear):
     """The router as an nn.Linear (so observers record its input like any linear's), weight and bias in fp32;
     forward -> (top_k_index [N, k] int64, top_k_weights [N, k] fp32, not yet scaled)."""

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from calib.data import open_source, resolve_settings
+from calib.moe import HookSet
 from convert.config import Step35Config
 from convert.durable import WriteFailed, replace_durably
 from convert.errors import BadInput
@@ -116,8 +117,7 @@ class StatsCollector:
         self.config, self.all_experts = config, all_experts
         self.acc: dict[str, _Acc] = {}
         self.load: dict[int, torch.Tensor] = {}
-        self._hooks: list = []
-        self._moe_hooks: list = []
+        self._hooks = HookSet()
         self._last: tuple[torch.Tensor, tuple] | None = None
         self._taken: set[str] = set()  # state keys already handed to a checkpoint (or restored from one)
 
@@ -148,7 +148,7 @@ class StatsCollector:
             if isinstance(m, nn.Linear):  # the router too (calib.moe.Router)
                 name = self.module_name(prefix + path)
                 self.acc.setdefault(name, _Acc(m.in_features))
-                self._hooks.append(m.register_forward_pre_hook(
+                self._hooks.add(m.register_forward_pre_hook(
                     lambda mod, args, name=name: self.acc[name].add(self._reduced(args[0]))))
             elif isinstance(m, GroupedMoE):
                 base = f"model.layers.{layer}.moe."
@@ -156,17 +156,10 @@ class StatsCollector:
                 for proj, width in (("gate_proj", h), ("up_proj", h), ("down_proj", i)):
                     self.acc.setdefault(base + proj, _Acc(width, e))
                 self.load.setdefault(layer, torch.zeros(e, dtype=torch.int64))
-                hook = _ExpertStats(self, base, layer)
-                m.hooks.append(hook)
-                self._moe_hooks.append((m, hook))
+                self._hooks.add_expert_hook(m, _ExpertStats(self, base, layer))
 
     def detach(self, layer: int) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for m, hook in self._moe_hooks:
-            m.hooks.remove(hook)
-        self._moe_hooks.clear()
+        self._hooks.remove()
         self._last = None
 
     def head_input(self, module: str, x: torch.Tensor) -> None:

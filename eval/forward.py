@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
-from calib.moe import GroupedMoE
+from calib.moe import GroupedMoE, HookSet
 from calib.reference import to_checkpoint_names
 from calib.stream import stream_forward
 from convert.artifact import ArtifactReader
@@ -63,8 +63,7 @@ class InputQuantizer:
         self.reader, self.raw_config = reader, raw_config
         self.layout = reader.layout
         self.hooked: list[str] = []
-        self._hooks: list = []
-        self._moe_hooks: list = []
+        self._hooks = HookSet()
 
     def _quantized(self, module: str) -> bool:
         d = self.reader.decisions.get(f"{module}.weight")
@@ -80,7 +79,7 @@ class InputQuantizer:
                 name = self._module_name(prefix + path)
                 fq = self._quantized(name) and self.layout.input_quant(self.reader.stored, name)
                 if fq:
-                    self._hooks.append(m.register_forward_pre_hook(
+                    self._hooks.add(m.register_forward_pre_hook(
                         lambda mod, args, fq=fq: (fq(args[0]),) + tuple(args[1:])))
                     self.hooked.append(name)
             elif isinstance(m, (Step3p7Experts, GroupedMoE)):
@@ -95,20 +94,13 @@ class InputQuantizer:
                 if not any(a or b for a, b in fqs):
                     continue
                 if isinstance(m, GroupedMoE):  # the streamed forward: the block hands each expert's inputs over
-                    hook = _ExpertInputQuant(fqs)
-                    m.hooks.append(hook)
-                    self._moe_hooks.append((m, hook))
+                    self._hooks.add_expert_hook(m, _ExpertInputQuant(fqs))
                 else:  # transformers' experts (InMemoryModel): its forward with the inputs quantized
                     m.forward = types.MethodType(_experts_forward(fqs), m)
                 self.hooked.append(stack + "experts")
 
     def detach(self, layer: int) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for m, hook in self._moe_hooks:
-            m.hooks.remove(hook)
-        self._moe_hooks.clear()
+        self._hooks.remove()
 
     def head_input(self, module: str, x: torch.Tensor) -> None:
         pass  # lm_head stays BF16 in every bundled recipe; the MTP shared_head.output is a hooked nn.Linear
