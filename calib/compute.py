@@ -82,6 +82,11 @@ def resolve(device: str = "auto", dtype: str = "bfloat16") -> Compute:
     return Compute(dev, act, act if native else torch.float32)
 
 
+def on_device(w: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """`w` on the device in its own dtype (a CPU view stays the view); GEMMs cast it as they need."""
+    return w if w.device == compute.device else w.to(compute.device, non_blocking=True)
+
+
 def widen(w: torch.Tensor, compute: Compute) -> torch.Tensor:
     """`w` on the device in the GEMM dtype (a view when it already is)."""
     return w.to(compute.device, compute.gemm_dtype, non_blocking=True)

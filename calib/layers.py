@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from transformers.models.step3p7.modeling_step3p7 import Step3p7Attention, Step3p7DecoderLayer, Step3p7MLP
 
-from calib.compute import ATTENTION_IMPL, Compute, in_token_blocks, register_attention, use_gemm_linears
+from calib.compute import ATTENTION_IMPL, Compute, in_token_blocks, on_device, register_attention, use_gemm_linears
 from calib.moe import GroupedMoE, Router, StackExperts
 from calib.reference import MtpLayer, from_checkpoint_names, text_config
 from convert.checkpoint import Checkpoint
@@ -29,15 +29,9 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def on_device(w: torch.Tensor, compute: Compute) -> torch.Tensor:
-    """A float tensor as the layer holds it: on the device, in its stored dtype (a CPU view stays the view)."""
-    return w if w.device == compute.device else w.to(compute.device, non_blocking=True)
-
-
-def _grouped_moe(config, layer: int) -> GroupedMoE:
+def _grouped_moe(config, layer: int, normalize: bool) -> GroupedMoE:
     limits = config.swiglu_limits
-    router = Router(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                    normalize=bool(getattr(config, "norm_expert_weight", True)))
+    router = Router(config.hidden_size, config.num_local_experts, config.num_experts_per_tok, normalize)
     return GroupedMoE(router, Step3p7MLP(config, layer, is_shared_expert=True),
                       (limits[layer] or None) if limits else None, config.moe_router_scaling_factor, layer)
 
@@ -61,12 +55,11 @@ def build_layer(ckpt: Checkpoint, layer: int, compute: Compute, heads: bool = Fa
         prefix = f"model.layers.{layer}."
         config = text_config(cfg.raw)
     config._attn_implementation = ATTENTION_IMPL
-    config.norm_expert_weight = cfg.raw.get("norm_expert_weight", True)
     with torch.device("meta"):
         module = MtpLayer(config, layer) if cfg.is_mtp(layer) else Step3p7DecoderLayer(config, layer)
         block = module.mtp_block if cfg.is_mtp(layer) else module
         if experts:
-            block.mlp = _grouped_moe(config, layer)
+            block.mlp = _grouped_moe(config, layer, bool(cfg.raw.get("norm_expert_weight", True)))
     state = _strip(tensors, prefix)
     for name, w in state.items():
         router = name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from calib.compute import Compute, gemm, widen
+from calib.compute import Compute, gemm, on_device
 
 
 class ExpertWeights(Protocol):
@@ -154,9 +154,4 @@ class StackExperts:
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.preloaded is not None:
             return tuple(s[e] for s in self.preloaded)
-        return tuple(self._on_device(self.source.read_expert(n, e)) for n in self.names)
-
-    def _on_device(self, w: torch.Tensor) -> torch.Tensor:
-        if w.device == self.compute.device:
-            return w
-        return widen(w, self.compute) if w.dtype != torch.bfloat16 else w.to(self.compute.device, non_blocking=True)
+        return tuple(on_device(self.source.read_expert(n, e), self.compute) for n in self.names)

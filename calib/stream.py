@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.models.step3p7.modeling_step3p7 import Step3p7RMSNorm, Step3p7RotaryEmbedding
 
-from calib.compute import Compute, gemm
-from calib.layers import LayerPipeline, on_device
+from calib.compute import Compute, gemm, on_device, resolve
+from calib.layers import LayerPipeline
 from calib.reference import mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
 from convert.durable import replace_durably, write_atomic
@@ -238,8 +238,6 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     not with logits, which need every layer run in this call)."""
     if (keep_outputs or heads is not None) and checkpoints is not None:
         raise ValueError("logits need every layer run in this call: no checkpoints")
-    from calib.compute import resolve
-
     compute = compute or resolve("cpu", "float32")
     dev, dtype = compute.device, compute.dtype
     if keep_outputs:

@@ -50,8 +50,7 @@ def _moe_layer(ckpt) -> int:
 def _hf_moe(ckpt, layer: int) -> Step3p7SparseMoeBlock:
     config = text_config(ckpt.config.raw)
     block = Step3p7SparseMoeBlock(config, layer)
-    names = [n for n, t in ckpt.tensors.items() if t.info.layer == layer and ".moe." in n or "share_expert" in n
-             and t.info.layer == layer]
+    names = [n for n, t in ckpt.tensors.items() if t.info.layer == layer and (".moe." in n or "share_expert" in n)]
     state = from_checkpoint_names({n: ckpt.read(n).float() for n in names}, ckpt.config.raw)
     block.load_state_dict({k.removeprefix(f"model.layers.{layer}.mlp."): v for k, v in state.items()}, strict=True)
     return block.float().eval()
