@@ -5,7 +5,7 @@ Output is identical, key for key and tensor for tensor, to llama.cpp's own conve
 names, order, shapes, types and bytes. tests/test_gguf.py checks that against the converter itself.
 
 Types written here are those gguf-py quantizes (F32, F16, BF16, Q8_0; byte-identical to `llama-quantize`); K- and
-IQ-quants are made from a BF16 file by `llama-quantize` (see `convert/gguf_job.py`).
+IQ-quants are quantized in one pass by ggml's quantizer from the same plan and metadata (`convert.gguf_quantize`).
 
 Memory: a tensor is converted in row blocks (3-D expert stacks one expert at a time) while GGUFWriter writes it,
 so peak memory is one block, whatever the model size.
@@ -149,6 +149,14 @@ class StreamedTensor:
             raise BadInput(f"tensor {self.p.source}: contains NaN or Inf")
         return _encode(rows.numpy(), self.p.qtype)
 
+    def encode(self, block: torch.Tensor) -> np.ndarray:
+        """One block of rows as stored: the source bytes when they already are, else gguf-py's conversion."""
+        if not self.raw_copy:
+            return self._convert(block)
+        if not all_finite(block):
+            raise BadInput(f"tensor {self.p.source}: contains NaN or Inf")
+        return block.contiguous().view(torch.uint8).numpy()
+
     def _blocks(self):
         for m in self._matrices():
             step = max(1, ROW_BLOCK_ELEMENTS // max(1, m.shape[-1]))
@@ -159,9 +167,7 @@ class StreamedTensor:
         written = 0
         if self.raw_copy:
             for block in self._blocks():
-                if not all_finite(block):
-                    raise BadInput(f"tensor {self.p.source}: contains NaN or Inf")
-                data = block.contiguous().view(torch.uint8).numpy()
+                data = self.encode(block)
                 fp.write(memoryview(data).cast("B"))
                 written += data.nbytes
         else:
@@ -345,6 +351,21 @@ def describe_gguf(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp
     return GGUFExport([], plan, tok, _outtype(outtype).name, mtp, mtp_only)
 
 
+def metadata_writer(ckpt: Checkpoint, plan: list[PlannedTensor], qt: QT, mtp: bool, model_name: str | None = None,
+                    split_max_bytes: int = 0) -> tuple[gguf.GGUFWriter, dict]:
+    """A gguf-py writer holding the plan's tensors (streamed when written) and every metadata key in llama.cpp's
+    converter order, not yet written; and the tokenizer summary. The K/IQ export takes its keys from here."""
+    factors = llama3_rope_factors(ckpt.config)
+    w = gguf.GGUFWriter(None, ARCH, split_max_size=split_max_bytes)
+    for p in plan:
+        w.add_tensor(p.name, StreamedTensor(ckpt, p, factors if p.source is None else None), raw_dtype=p.qtype)
+    _general_metadata(w, ckpt.dir, model_name)  # counts the parameters of the tensors added above
+    add_model_metadata(w, ckpt.config, FILE_TYPES[qt], mtp)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tok = add_tokenizer(w, ckpt.dir, ckpt.config.vocab_size)
+    return w, tok
+
+
 def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: str = "BF16", mtp: bool = True,
                split_max_bytes: int = 0, model_name: str | None = None, mtp_only: bool = False) -> GGUFExport:
     """Write `out_file` (or its `-0000i-of-0000N` shards when the data exceeds `split_max_bytes` > 0).
@@ -358,14 +379,7 @@ def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: st
     try:
         out_file = Path(out_file)
         plan = plan_tensors(ckpt, outtype, mtp, mtp_only)
-        factors = llama3_rope_factors(ckpt.config)
-        w = gguf.GGUFWriter(None, ARCH, split_max_size=split_max_bytes)
-        for p in plan:
-            w.add_tensor(p.name, StreamedTensor(ckpt, p, factors if p.source is None else None), raw_dtype=p.qtype)
-        _general_metadata(w, ckpt.dir, model_name)
-        add_model_metadata(w, ckpt.config, FILE_TYPES[qt], mtp)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tok = add_tokenizer(w, ckpt.dir, ckpt.config.vocab_size)
+        w, tok = metadata_writer(ckpt, plan, qt, mtp, model_name, split_max_bytes)
         n_files = len(w.tensors)
         out_file.parent.mkdir(parents=True, exist_ok=True)
         try:

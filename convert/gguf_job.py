@@ -1,10 +1,11 @@
 """The GGUF export job (`stepq quantize --scheme gguf`): GGUF variants for llama.cpp, `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
 
 Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the output -> BF16/F16/Q8_0: stream the
-checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter); K/IQ-quants: stream a BF16 GGUF,
-run `llama-quantize` with the recipe's per-tensor types, split with `llama-gguf-split` -> provenance (every tensor's
-type as read back from the written files) -> atomic rename of the folder. Each of those stages is recorded in the
-temporary folder `.<name>.partial` when finished (`convert.ledger`), so the same command resumes after a kill.
+checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter), one resumable stage; K/IQ-quants:
+one streaming pass that quantizes each tensor in-process with ggml's own quantizer into the planned file(s), the
+bytes `llama-quantize` (+ `llama-gguf-split`) would write from a BF16 GGUF (`convert.gguf_quantize`), each finished
+tensor recorded for the resume -> provenance (every tensor's type as read back from the written files) -> atomic
+rename of the folder. Progress is kept in the temporary folder `.<name>.partial`, so the same command resumes.
 
 Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
 holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
@@ -18,35 +19,49 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
 
 from convert.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from convert.config import SIDE_FILES, model_name
 from convert.durable import AtomicDir
 from convert.errors import BadInput
+from convert.executor import Executor, LocalExecutor
+from convert.ggml_quants import ggml_type
 from convert.gguf_export import GGUFExport, describe_gguf, write_gguf
-from convert.gguf_imatrix import write_imatrix
 from convert.gguf_names import PlannedTensor
+from convert.gguf_quantize import (
+    Importance,
+    QuantTensor,
+    check_importance,
+    default_workers,
+    plan_files,
+    plan_quantized,
+    quantized_metadata,
+    tensor_key,
+    tensor_tasks,
+)
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
-from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, gguf_split, llama_quantize, tool
+from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, tool
 from convert.hashing import BackgroundHashes, file_sha256
 from convert.ledger import Stages
 from convert.lock import OutputLock
 from convert.provenance import digest, peak_rss_mib, source_files, versions
+from convert.safetensors_export import SOURCE_SHA256, shard_memo_key, source_hashes
+from convert.writer import ArtifactWriter
 
 if TYPE_CHECKING:
     from calib.stats import CalibStats
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
-INTERMEDIATE = ".intermediate-BF16.gguf"
-# llama-quantize records the --imatrix path in the GGUF (quantize.imatrix.file): given relative to the temporary
-# folder, it is llama-imatrix's default name rather than a temporary path, the same in every run
-IMATRIX = "imatrix.gguf"
 READ_FILES = ("config.json", INDEX_NAME, "README.md", *SIDE_FILES)  # what the GGUF writer reads besides weights
 log = logging.getLogger("stepq.gguf")
 
@@ -57,19 +72,20 @@ def variant_dir(model_dir: str | Path, out_root: str | Path, qtype: str, mtp_onl
 
 def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_M", mtp: bool = True,
                 force: bool = False, *, max_shard_bytes: int | None = None, source_id: str | None = None,
-                revision: str | None = None, imatrix=None, mtp_only: bool = False) -> Path:
+                revision: str | None = None, imatrix=None, mtp_only: bool = False,
+                executor: Executor | None = None) -> Path:
     """Write the GGUF variant `qtype` of the checkpoint in `model_dir`; returns `out_root/<model>-GGUF-<QTYPE>`.
 
     `mtp=False` drops the MTP layers (llama.cpp's `--no-mtp`); `mtp_only=True` writes the draft-only MTP GGUF
     into `out_root/<model>-GGUF-<QTYPE>-MTP` instead (llama.cpp's `--mtp`). Files above `max_shard_bytes`
-    (default 45 GB) are split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp tools
-    (`make llama-cpp`). `imatrix`: loaded calibration statistics (`calib.stats.CalibStats`); K/IQ types are then
-    quantized with the llama.cpp importance matrix written from them (`convert.gguf_imatrix`), the same
-    calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS, ...) require it.
+    (default 45 GB) are split into `-0000i-of-0000N.gguf` shards. K/IQ types need the llama.cpp build
+    (`make llama-cpp`), whose ggml quantizes them in-process. `imatrix`: loaded calibration statistics
+    (`calib.stats.CalibStats`); K/IQ types are then quantized with the importance matrix llama.cpp would derive
+    from them (`convert.gguf_imatrix`), the same calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS,
+    ...) require it. `executor` runs the K/IQ pieces (default: a `LocalExecutor` with one worker per core).
 
-    Re-running after an interruption resumes: each finished stage (the GGUF written by gguf-py -- the whole
-    variant, or the BF16 intermediate of a K/IQ type --, the imatrix, llama-quantize's output, the split) is kept
-    in the temporary folder with a key of its inputs and the hash of its files, and reused when both still match;
+    Re-running after an interruption resumes: a direct type's finished file, or each K/IQ tensor finished, is kept
+    in the temporary folder with a key of its inputs and the hash of its bytes, and reused when both still match;
     `force` starts over. One run per output folder (`convert.lock`).
     """
     t0 = time.time()
@@ -84,41 +100,76 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
         if qtype not in DIRECT_TYPES:
             recipe = recipe_for(qtype, tuple(ckpt.config.mtp_layers) if mtp else (), imatrix=imatrix is not None,
                                 n_embd=ckpt.config.hidden_size, mtp_only=mtp_only)
-            tool("llama-quantize"), tool("llama-gguf-split")  # fail now, not after the BF16 pass
+            tool("llama-quantize")  # the llama.cpp build whose ggml quantizes: fail now, not mid-way
         out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
         job = _Job(ckpt, qtype, recipe, imatrix if recipe is not None else None, mtp, mtp_only,
                    f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}",
                    max_shard_bytes or DEFAULT_SPLIT_BYTES)
-        timings = {}
-        atomic = AtomicDir(out_dir, force, resumable=True)
-        with OutputLock(out_dir), atomic as tmp:
-            # the source shards' sha256 (stepq.json) on a thread, reading alongside the export instead of after it
-            hashes = BackgroundHashes([ckpt.dir / s for s in sorted(ckpt.shards)])
-            progress = Stages(tmp)
-            if progress.has_work:
-                log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
-            try:
-                files = _direct_stages(job, progress) if recipe is None else _quantize_stages(job, progress, timings)
-            except BaseException:
-                hashes.close()
-                raise
-            finally:
-                atomic.keep_on_error = progress.has_work  # finished stages survive a failure, for the resume
-            if progress.reused:
-                log.info("resumed: %d of %d units reused from the interrupted run (%s)", len(progress.reused),
-                         len(progress.reused) + len(progress.made), ", ".join(progress.reused))
-            timings.setdefault("convert_s", time.time() - t0)
-            exp = describe_gguf(ckpt, qtype if recipe is None else "BF16", mtp, mtp_only)
-            prov = _provenance(ckpt, exp, recipe, qtype, files, progress.recorded(files), hashes,
-                               source_id or str(model_dir), revision, timings)
-            if job.imatrix is not None:
-                prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
-            (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
-            published = {f.name for f in files} | {"stepq.json"}
-            atomic.scratch += [p.name for p in tmp.iterdir() if p.name not in published]  # progress, stale files
+        source = source_id or str(model_dir)
+        if recipe is None:
+            _export_direct(job, out_dir, force, source, revision, t0)
+        else:
+            _export_quantized(job, out_dir, force, source, revision, t0, executor)
     finally:
         ckpt.close()
     return out_dir
+
+
+def _export_direct(job: _Job, out_dir: Path, force: bool, source: str, revision: str | None, t0: float) -> None:
+    """BF16/F16/Q8_0: gguf-py writes the variant in one resumable stage."""
+    timings = {}
+    atomic = AtomicDir(out_dir, force, resumable=True)
+    with OutputLock(out_dir), atomic as tmp:
+        # the source shards' sha256 (stepq.json) on a thread, reading alongside the export instead of after it
+        hashes = BackgroundHashes([job.ckpt.dir / s for s in sorted(job.ckpt.shards)])
+        progress = Stages(tmp)
+        if progress.has_work:
+            log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
+        try:
+            files = _direct_stages(job, progress)
+        except BaseException:
+            hashes.close()
+            raise
+        finally:
+            atomic.keep_on_error = progress.has_work  # finished stages survive a failure, for the resume
+        if progress.reused:
+            log.info("resumed: %d of %d units reused from the interrupted run (%s)", len(progress.reused),
+                     len(progress.reused) + len(progress.made), ", ".join(progress.reused))
+        timings["convert_s"] = time.time() - t0
+        exp = describe_gguf(job.ckpt, job.qtype, job.mtp, job.mtp_only)
+        prov = _provenance(job.ckpt, exp, None, job.qtype, files, progress.recorded(files),
+                           lambda p: hashes.result(p), source, revision, timings)
+        (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
+        published = {f.name for f in files} | {"stepq.json"}
+        atomic.scratch += [p.name for p in tmp.iterdir() if p.name not in published]  # progress, stale files
+
+
+def _export_quantized(job: _Job, out_dir: Path, force: bool, source: str, revision: str | None, t0: float,
+                      executor: Executor | None) -> None:
+    """K/IQ types: one pass through the artifact writer, resumable per tensor."""
+    timings = {}
+    with ExitStack() as stack:
+        stack.enter_context(OutputLock(out_dir))
+        writer = stack.enter_context(ArtifactWriter(out_dir, force=force, resumable=True))
+        if executor is None:
+            executor = stack.enter_context(LocalExecutor(workers=default_workers()))
+        tensors, importance = _plan_quantized(job, writer)
+        # the source shards' sha256 (stepq.json) on a thread, reading alongside the pass instead of after it
+        hashes = source_hashes(writer, job.ckpt)
+        stack.callback(hashes.close)
+        files = _write_quantized(job, writer, tensors, importance, executor, timings)
+        timings.setdefault("convert_s", time.time() - t0)
+        exp = describe_gguf(job.ckpt, "BF16", job.mtp, job.mtp_only)
+        records = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
+
+        def sha256_of(p: Path) -> str:
+            return writer.memo(SOURCE_SHA256, shard_memo_key(job.ckpt, p.name), lambda: hashes.result(p))
+
+        prov = _provenance(job.ckpt, exp, job.recipe, job.qtype, files, records, sha256_of, source, revision,
+                           timings)
+        if job.imatrix is not None:
+            prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
+        writer.write_json("stepq.json", prov)
 
 
 @dataclass
@@ -152,40 +203,50 @@ def _direct_stages(job: _Job, progress: Stages) -> list[Path]:
                                                              split_max_bytes=job.split, mtp_only=job.mtp_only))
 
 
-def _quantize_stages(job: _Job, progress: Stages, timings: dict) -> list[Path]:
-    """K/IQ types: BF16 intermediate (+ imatrix) -> llama-quantize -> split when too large. Each stage's key holds
-    its upstream stages' keys, so a change anywhere redoes exactly what depends on it; the files a later stage
-    consumed are removed once it is recorded (disk: the intermediate is as large as the source)."""
-    source = job.source_key()
-    k_inter = digest({"stage": "intermediate", "source": source})
-    k_imatrix = None if job.imatrix is None else digest({"stage": "imatrix", "source": source,
-                                                          "statistics": job.imatrix.sha256})
-    args = job.recipe.llama_quantize_args()
-    k_quant = digest({"stage": "quantized", "intermediate": k_inter, "imatrix": k_imatrix, "qtype": job.qtype,
-                      "args": args, "llama_cpp": LLAMA_CPP_COMMIT, "stem": job.stem})
-    k_split = digest({"stage": "split", "quantized": k_quant, "split": job.split})
-    if (shards := progress.reuse("split", k_split)) is not None:
-        return shards
-    quantized = progress.reuse("quantized", k_quant)
-    if quantized is None:
-        t = time.time()
-        (inter,) = progress.obtain("intermediate", k_inter, lambda d: write_gguf(
-            job.ckpt, d / INTERMEDIATE, "BF16", job.mtp, mtp_only=job.mtp_only))
-        if job.imatrix is not None:
-            (imx,) = progress.obtain("imatrix", k_imatrix, lambda d: write_imatrix(
-                job.imatrix, job.ckpt, d / IMATRIX, mtp=job.mtp))
-            args = ["--imatrix", imx.name, *args]
-        timings["convert_s"] = time.time() - t
-        t = time.time()
-        quantized = progress.make("quantized", k_quant, lambda d: llama_quantize(
-            inter, d / f"{job.stem}.gguf", job.qtype, args, cwd=progress.folder))
-        timings["llama_quantize_s"] = time.time() - t
-        progress.forget("intermediate", "imatrix")
-    if quantized[0].stat().st_size <= job.split:
-        return quantized
-    shards = progress.make("split", k_split, lambda d: gguf_split(quantized[0], d / job.stem, job.split))
-    progress.forget("quantized")
-    return shards
+def _plan_quantized(job: _Job, writer: ArtifactWriter) -> tuple[list[QuantTensor], Importance | None]:
+    """Every tensor's type and place, as llama-quantize (+ llama-gguf-split) lays the file(s) out; the files are
+    created (or an interrupted run's reopened). Types the built ggml lacks and a missing imatrix a type needs are
+    refused here, before anything is written."""
+    tensors = plan_quantized(job.ckpt, job.recipe, job.mtp, job.mtp_only)
+    for name in sorted({x.qtype.name for x in tensors}):
+        ggml_type(name)
+    importance = None if job.imatrix is None else Importance.from_stats(job.imatrix, job.ckpt, job.mtp)
+    check_importance(tensors, importance)
+    kv, _tok = quantized_metadata(job.ckpt, job.recipe, job.mtp, job.mtp_only, importance)
+    writer.plan_files(plan_files(job.stem, kv, tensors, job.split), kind="gguf")
+    return tensors, importance
+
+
+def _write_quantized(job: _Job, writer: ArtifactWriter, tensors: list[QuantTensor], importance: Importance | None,
+                     executor: Executor, timings: dict) -> list[Path]:
+    """Quantize each tensor piece by piece (an expert, or a block of rows) with ggml's quantizer straight into its
+    place; tensors an interrupted run finished under the same key are verified and kept."""
+    t = time.time()
+    settings = digest({"qtype": job.qtype, "recipe": job.recipe.to_dict(), "llama_cpp": LLAMA_CPP_COMMIT,
+                       "config_sha256": file_sha256(job.ckpt.dir / "config.json"), **versions("stepq", "gguf")})
+    keys = {x.p.name: tensor_key(job.ckpt, x, settings, importance) for x in tensors}
+    with tqdm(total=sum(x.nbytes for x in tensors), unit="B", unit_scale=True, desc=f"quantize {job.qtype}",
+              disable=None) as bar:
+        todo = []
+        for x in tensors:
+            if writer.reuse(x.p.name, keys[x.p.name], [x.p.name]):
+                bar.update(x.nbytes)
+            else:
+                todo.append(x)
+        tasks = (task for x in todo for task in tensor_tasks(job.ckpt, x, importance))
+        for task, data in executor.map(tasks):
+            x, piece, last = task.key
+            data = data.reshape(-1).view(np.uint8)
+            flat = torch.from_numpy(data if data.flags.writeable else data.copy())  # mmap'd source bytes: read-only
+            writer.write(x.p.name, flat, row=piece.byte_offset)
+            bar.update(flat.numel())
+            if last:
+                writer.commit(x.p.name, keys[x.p.name], [x.p.name])
+    if writer.reused_units:
+        log.info("resumed: %d of %d units reused from the interrupted run (tensors)", writer.reused_units,
+                 len(tensors))
+    timings["convert_s"] = time.time() - t
+    return [writer.tmp / name for name in writer.shard_names]
 
 
 def read_tensor_types(files: list[Path]) -> dict[str, str]:
@@ -237,10 +298,11 @@ def _tensor_decision(p: PlannedTensor, actual: str, recipe: GGUFRecipe | None, q
 
 
 def _provenance(ckpt: Checkpoint, exp: GGUFExport, recipe: GGUFRecipe | None, qtype: str, files: list[Path],
-                file_records: dict[str, dict], hashes: BackgroundHashes, source: str, revision: str | None,
+                file_records: dict[str, dict], shard_sha256, source: str, revision: str | None,
                 timings: dict) -> dict:
+    """`shard_sha256(path)`: the sha256 of a source shard (hashed alongside the export)."""
     src_files = source_files(ckpt.dir, [*sorted(ckpt.shards), "config.json", "tokenizer.json", "tokenizer_config.json"],
-                             lambda p: hashes.result(p) if p.name in ckpt.shards else file_sha256(p))
+                             lambda p: shard_sha256(p) if p.name in ckpt.shards else file_sha256(p))
     actual = read_tensor_types(files)
     tensors = {p.name: _tensor_decision(p, actual[p.name], recipe, qtype) for p in exp.tensors}
     return {

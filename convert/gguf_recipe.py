@@ -1,8 +1,10 @@
 """MoE-aware GGUF quantization recipes: which GGML type each role gets, for each `QTYPE`.
 
-Types gguf-py writes itself (BF16, F16, Q8_0) come straight from the checkpoint. K- and IQ-quants are made by
-`llama-quantize` from a BF16 GGUF: the recipe becomes its `--tensor-type REGEX=TYPE` overrides (first match
-wins, so MTP blocks come first), `--token-embedding-type` and `--output-tensor-type`.
+Types gguf-py writes itself (BF16, F16, Q8_0) come straight from the checkpoint. K- and IQ-quants are quantized
+in one pass by ggml's own quantizer (`convert.gguf_quantize`), each tensor in the type `intended_type` gives it;
+the same recipe as llama.cpp's two-pass flow is `llama_quantize_args`: `--tensor-type REGEX=TYPE` overrides (first
+match wins, so MTP blocks come first), `--token-embedding-type` and `--output-tensor-type` (recorded in
+`stepq.json`; the tests run it to check the one-pass bytes).
 
 Policy (community practice for large MoEs, e.g. AesSedai's Step-3.5 mixes "Q8_0 / Q4_K / Q4_K / Q5_K"): the
 routed experts hold ~96% of Step-3.5's weights but each token uses 8 of 288, so they take the low-bit type, with
@@ -160,7 +162,7 @@ class GGUFRecipe:
         return self.role_types().get(role.removeprefix("mtp."), "F32")
 
     def to_dict(self) -> dict:
-        return {"qtype": self.qtype, "tool": "llama-quantize",
+        return {"qtype": self.qtype, "tool": "ggml_quantize_chunk (llama.cpp's quantizer, in-process, one pass)",
                 "imatrix": "stepq calibration statistics" if self.imatrix else None, "role_types": self.role_types(),
                 "llama_quantize_args": self.llama_quantize_args()}
 

@@ -50,6 +50,16 @@ class OutSpec:
         return prod(self.shape) * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output file: its header bytes, then each tensor at its offset after the header; `size` the whole file."""
+
+    name: str
+    head: bytes
+    tensors: list[tuple[OutSpec, int]]
+    size: int
+
+
 def _shard_layout(specs: list[OutSpec], max_shard_bytes: int) -> list[tuple[bytes, list[tuple[OutSpec, int]]]]:
     """Greedy fill up to `max_shard_bytes` -> per shard: (header bytes, [(spec, data offset)])."""
     groups: list[list[OutSpec]] = []
@@ -83,6 +93,7 @@ class ArtifactWriter:
         self.max_shard_bytes = max_shard_bytes
         self._specs: list[OutSpec] = []
         self._shard_names: list[str] = []
+        self._kind = "safetensors"
         self._weight_map: dict[str, str] = {}
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int, OutSpec]] = {}
@@ -126,59 +137,67 @@ class ArtifactWriter:
         """Fix every tensor's shard and offset (greedy fill up to `max_shard_bytes`); create the shard files with
         their headers and their full size reserved, so a full disk shows up here rather than mid-conversion.
         Resuming: reopen the shard files of an earlier run of this very plan instead."""
+        shards = _shard_layout(specs, self.max_shard_bytes)
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        self.plan_files([PlannedFile(n, head, layout, len(head) + sum(s.nbytes for s, _ in layout))
+                         for n, (head, layout) in zip(names, shards)], kind="safetensors")
+
+    def plan_files(self, files: list[PlannedFile], kind: str) -> None:
+        """`plan` for files laid out by the caller (a GGUF's header, tensor table and aligned data): each file's
+        header is written when it is created, tensors then go to their offsets; `kind` names the format in the
+        ledger. Only safetensors plans get a `model.safetensors.index.json`."""
+        specs = [s for f in files for s, _ in f.tensors]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate output tensor names in the plan")
-        shards = _shard_layout(specs, self.max_shard_bytes)
-        self._shard_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        plan_id = hashlib.sha256(b"".join(head for head, _ in shards)).hexdigest()
+        self._kind = kind
+        self._shard_names = [f.name for f in files]
+        plan_id = hashlib.sha256(b"".join(f.head for f in files)).hexdigest()  # headers fix every offset
         if self._dir.resumable:
-            self._ledger = Ledger(self.tmp / LEDGER_NAME, {"stepq_ledger": "safetensors", "version": LEDGER_VERSION,
+            self._ledger = Ledger(self.tmp / LEDGER_NAME, {"stepq_ledger": kind, "version": LEDGER_VERSION,
                                                            "plan": plan_id, "shards": self._shard_names}, sync=False)
         try:
-            if not (self._dir.resuming and self._reopen(shards)):
-                self._create(shards)
+            if not (self._dir.resuming and self._reopen(files)):
+                self._create(files)
         except OSError as e:
             self._abort()
             raise self._write_failed(e, self.tmp) from e
-        for fd, (head, layout) in zip(self._fds, shards):
-            for s, off in layout:
-                self._where[s.name] = (fd, len(head) + off, s)
+        for fd, f in zip(self._fds, files):
+            for s, off in f.tensors:
+                self._where[s.name] = (fd, len(f.head) + off, s)
                 self._written.setdefault(s.name, 0)
-        self._specs = list(specs)
-        self._weight_map = {s.name: n for n, (_, layout) in zip(self._shard_names, shards) for s, _ in layout}
+        self._specs = specs
+        self._weight_map = {s.name: f.name for f in files for s, _ in f.tensors}
 
-    def _create(self, shards) -> None:
+    def _create(self, files: list[PlannedFile]) -> None:
         if self._dir.resuming:
             log.info("%s: earlier partial output is for another plan (or unusable); starting over", self.tmp)
             for p in self.tmp.iterdir():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        for shard_name, (head, layout) in zip(self._shard_names, shards):
-            fd = os.open(self.tmp / shard_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        for f in files:
+            fd = os.open(self.tmp / f.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            size = len(head) + sum(s.nbytes for s, _ in layout)
             try:
-                os.posix_fallocate(fd, 0, size)
-                os.pwrite(fd, head, 0)
+                os.posix_fallocate(fd, 0, f.size)  # also the zero padding between tensors of a GGUF
+                os.pwrite(fd, f.head, 0)
             except OSError as e:
-                e.filename = e.filename or str(self.tmp / shard_name)
+                e.filename = e.filename or str(self.tmp / f.name)
                 raise
         if self._ledger is not None:
             self._ledger.resumed = False  # whatever an earlier run recorded is for other shard files
             self._ledger.start()
 
-    def _reopen(self, shards) -> bool:
+    def _reopen(self, files: list[PlannedFile]) -> bool:
         if not self._ledger.resumed:  # another plan, or an older ledger
             return False
         fds, intact = [], False
         try:
-            for shard_name, (head, layout) in zip(self._shard_names, shards):
-                path = self.tmp / shard_name
-                size = len(head) + sum(s.nbytes for s, _ in layout)
-                if not path.is_file() or path.stat().st_size != size:
+            for f in files:
+                path = self.tmp / f.name
+                if not path.is_file() or path.stat().st_size != f.size:
                     return False
                 fds.append(os.open(path, os.O_RDWR))
-                if os.pread(fds[-1], len(head), 0) != head:
+                if os.pread(fds[-1], len(f.head), 0) != f.head:
                     return False
             intact = True
         finally:
@@ -317,6 +336,8 @@ class ArtifactWriter:
         for s in self._specs:
             if self._written[s.name] != s.nbytes:
                 raise ValueError(f"tensor {s.name}: {self._written[s.name]} of {s.nbytes} planned bytes written")
+        if self._kind != "safetensors":
+            return
         total = sum(s.nbytes for s in self._specs)
         self.write_json(INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": self._weight_map})
 

@@ -520,38 +520,48 @@ def test_nonfinite_check_float32_edges():
         assert not all_finite(torch.cat([edges, torch.tensor([bad])]))
 
 
-# -- a damaged GGUF intermediate in the resumable temporary folder: detected and made again, not a crash ----------
+# -- a damaged partial GGUF in the resumable temporary folder: detected and made again, not a crash --------------
 
-def _truncate(f: Path) -> None:
+def _truncate(f: Path) -> str:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return "earlier partial output is for another plan (or unusable); starting over"
 
 
-def _flip(f: Path) -> None:
+def _flip(f: Path) -> str:
+    """Damage the bytes of a tensor the earlier run recorded as finished (the first in the file)."""
+    import gguf
+
+    first = min(gguf.GGUFReader(f).tensors, key=lambda t: t.data_offset)
     with open(f, "r+b") as fh:
-        fh.seek(f.stat().st_size - 1000)
+        fh.seek(first.data_offset + 10)
         fh.write(b"\x55\x66\x77")
+    return f"{first.name}: output {first.name} differs from what the earlier run recorded; converting it again"
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped"])
-def test_a_damaged_gguf_intermediate_is_made_again(llama_cpp, tmp_path, monkeypatch, caplog, damage):
-    """A kill after the BF16 intermediate was recorded, then its bytes damaged (disk error, a stray writer): the
-    re-run notices it by its recorded sha256, writes it again, and gives the uninterrupted run's file."""
-    import convert.gguf_job
+def test_a_damaged_partial_gguf_is_made_again(llama_cpp, tmp_path, monkeypatch, caplog, damage):
+    """A kill after 60 tensors of a K-quant export were recorded, then the partial file damaged (disk error, a
+    stray writer): the re-run notices it by the recorded digests (or the file's size), writes again what is
+    damaged, and gives the uninterrupted run's file."""
+    from convert.writer import ArtifactWriter
 
     argv = ["quantize", str(BUNDLED_FIXTURE), "--scheme", "gguf", "--qtype", "Q4_K_M", "--out"]
     assert main([*argv, str(tmp_path / "ref")]) == 0
+    real, done = ArtifactWriter.commit, []
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # stands for the kill: not bad input, so the partial folder is kept
-    monkeypatch.setattr(convert.gguf_job, "llama_quantize", killed)
+    def killed(self, *args):
+        real(self, *args)
+        done.append(args[0])
+        if len(done) == 60:
+            raise KeyboardInterrupt  # stands for the kill: not bad input, so the partial folder is kept
+    monkeypatch.setattr(ArtifactWriter, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
         main([*argv, str(tmp_path / "out")])
     monkeypatch.undo()
-    intermediate = tmp_path / "out" / ".tiny-step35-GGUF-Q4_K_M.partial" / ".intermediate-BF16.gguf"
-    damage(intermediate)
+    partial = tmp_path / "out" / ".tiny-step35-GGUF-Q4_K_M.partial" / "tiny-step35-Q4_K_M.gguf"
+    expected = damage(partial)
     caplog.set_level("INFO")
     assert main([*argv, str(tmp_path / "out")]) == 0
-    assert (f"{intermediate}: damaged or missing (not what the earlier run recorded); doing intermediate again"
-            in caplog.text)
+    assert expected in caplog.text
     name = "tiny-step35-GGUF-Q4_K_M/tiny-step35-Q4_K_M.gguf"
     assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

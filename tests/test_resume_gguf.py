@@ -1,10 +1,10 @@
-"""Resume of `stepq quantize --scheme gguf`: an interrupted export continues from its last finished stage (the GGUF
-gguf-py writes, the BF16 intermediate, the imatrix, llama-quantize's output) and gives the very bytes of an
-uninterrupted run; a changed input or setting redoes what depends on it; `--force` starts over.
+"""Resume of `stepq quantize --scheme gguf`: an interrupted export keeps what it finished -- each tensor of a K/IQ
+type (written in one pass, `convert.gguf_quantize`), the whole file of a direct type (gguf-py) -- and gives the
+very bytes of an uninterrupted run; a changed input or setting redoes what depends on it; `--force` starts over.
 
 The fault-injection test SIGKILLs real `stepq quantize` processes at random points with bench/fault_soak.py's
 harness (a watcher checks the final folder never appears unfinished). The other tests stop a run in-process after a
-chosen number of finished stages, so they know exactly what the earlier run left behind.
+chosen number of finished units, so they know exactly what the earlier run left behind.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from convert.ledger import LEDGER_NAME, Stages
+from convert.writer import ArtifactWriter
 from stepq.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,7 @@ _spec.loader.exec_module(soak)
 
 KILLS = 6
 NAME = "tiny-step35-GGUF-Q4_K_M"
+TENSORS = 113  # in the bundled model's Q4_K_M GGUF (checked against the reference): the K/IQ export's units
 
 
 def _gguf(model: Path, out: Path, *extra: str, qtype: str = "Q4_K_M") -> list[str]:
@@ -45,6 +48,7 @@ def reference(llama_cpp, bundled_fixture, tmp_path_factory) -> dict[str, str]:
     """An uninterrupted Q4_K_M export of the bundled model: sha256 per file (stepq.json without run fields)."""
     out = tmp_path_factory.mktemp("ref")
     assert main(_gguf(bundled_fixture, out)) == 0
+    assert len(gguf.GGUFReader(out / NAME / f"{bundled_fixture.name}-Q4_K_M.gguf").tensors) == TENSORS
     return soak.artifact_digest(out / NAME)
 
 
@@ -59,9 +63,9 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, bundl
         out = tmp_path / f"round{r}"
         out.mkdir()
         cmd = [*soak.STEPQ, *_gguf(bundled_fixture, out)]
-        # 2 stages (intermediate, quantized); kills aimed after a record, or at a random time in a whole run
-        soak.kill_resume_round(cmd, out, out / NAME, reference, rng, 2, min(3, KILLS - figures.kills), figures,
-                               startup_s=full_s)
+        # one unit per tensor; kills aimed after a record, or at a random time in a whole run
+        soak.kill_resume_round(cmd, out, out / NAME, reference, rng, TENSORS, min(3, KILLS - figures.kills),
+                               figures, startup_s=full_s)
         r += 1
     print(figures)  # pytest -s shows the figures: kills, runs, stages reused, kill points
     assert figures.kills >= KILLS and figures.identical_rounds == figures.rounds  # no data lost
@@ -105,20 +109,23 @@ class Crash(Exception):
     """Stands for the process dying: not bad input, so the temporary folder keeps its finished stages."""
 
 
-def _crash_after(monkeypatch, k: int) -> None:
-    real, done = Stages.make, []
+def _crash_after(monkeypatch, k: int, method=(ArtifactWriter, "commit")) -> None:
+    """Raise Crash once `method` (a K/IQ tensor's commit, or a finished direct-type stage) has run `k` times."""
+    cls, name = method
+    real, done = getattr(cls, name), []
 
-    def make(self, *args):
-        files = real(self, *args)
+    def finished(self, *args):
+        out = real(self, *args)
         done.append(args[0])
         if len(done) == k:
             raise Crash(f"after {done}")
-        return files
-    monkeypatch.setattr(Stages, "make", make)
+        return out
+    monkeypatch.setattr(cls, name, finished)
 
 
-def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NAME) -> Path:
-    _crash_after(monkeypatch, k)
+def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NAME,
+                 method=(ArtifactWriter, "commit")) -> Path:
+    _crash_after(monkeypatch, k, method)
     with pytest.raises(Crash):
         main(argv)
     monkeypatch.undo()
@@ -134,15 +141,13 @@ def _resumed(caplog) -> str | None:
     return lines[-1].removeprefix("resumed: ") if lines else None
 
 
-@pytest.mark.parametrize("k,reused", [(1, "1 of 2 units reused from the interrupted run (intermediate)"),
-                                      (2, "1 of 1 units reused from the interrupted run (quantized)")],
-                         ids=["after-intermediate", "after-llama-quantize"])
-def test_resume_after_a_finished_stage(reference, bundled_fixture, tmp_path, monkeypatch, caplog, k, reused):
+@pytest.mark.parametrize("k", [1, 40, TENSORS - 1])
+def test_resume_keeps_the_finished_tensors(reference, bundled_fixture, tmp_path, monkeypatch, caplog, k):
     out = tmp_path / "out"
     _interrupted(_gguf(bundled_fixture, out), out, monkeypatch, k)
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out)) == 0
-    assert _resumed(caplog) == reused
+    assert _resumed(caplog) == f"{k} of {TENSORS} units reused from the interrupted run (tensors)"
     assert soak.artifact_digest(out / NAME) == reference
     assert sorted(p.name for p in out.iterdir() if p.name != ".last-artifact") == [NAME]
 
@@ -154,7 +159,7 @@ def test_resume_of_a_direct_type(bundled_fixture, tmp_path, monkeypatch, caplog)
     reference = soak.artifact_digest(tmp_path / "ref" / name)
     assert len(reference) == 4  # 3 files + stepq.json
     out = tmp_path / "out"
-    _interrupted(_gguf(bundled_fixture, out, *split, qtype="Q8_0"), out, monkeypatch, 1, name)
+    _interrupted(_gguf(bundled_fixture, out, *split, qtype="Q8_0"), out, monkeypatch, 1, name, (Stages, "make"))
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out, *split, qtype="Q8_0")) == 0
     assert _resumed(caplog) == "1 of 1 units reused from the interrupted run (gguf)"
@@ -162,14 +167,14 @@ def test_resume_of_a_direct_type(bundled_fixture, tmp_path, monkeypatch, caplog)
 
 
 def test_another_setting_redoes_what_depends_on_it(bundled_fixture, tmp_path, monkeypatch, caplog):
-    """--no-mtp writes into the same folder: the intermediate (without MTP tensors) is written again."""
+    """--no-mtp writes into the same folder: another file layout, so the file is written again from the start."""
     assert main(_gguf(bundled_fixture, tmp_path / "ref", "--no-mtp")) == 0
     reference = soak.artifact_digest(tmp_path / "ref" / NAME)
     out = tmp_path / "out"
-    _interrupted(_gguf(bundled_fixture, out), out, monkeypatch, 1)
+    _interrupted(_gguf(bundled_fixture, out), out, monkeypatch, 40)
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out, "--no-mtp")) == 0
-    assert "intermediate: inputs or settings changed since the earlier run" in caplog.text
+    assert "earlier partial output is for another plan" in caplog.text
     assert _resumed(caplog) is None and soak.artifact_digest(out / NAME) == reference
 
 
@@ -177,18 +182,20 @@ def test_a_touched_source_shard_redoes_everything(reference, bundled_fixture, tm
     """A shard is identified by size, mtime and header hash (reading 400 GB to compare would defeat the resume)."""
     model = Path(shutil.copytree(bundled_fixture, tmp_path / "tiny-step35"))
     out = tmp_path / "out"
-    _interrupted(_gguf(model, out), out, monkeypatch, 1)
+    _interrupted(_gguf(model, out), out, monkeypatch, 40)
     shard = model / "model.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     caplog.set_level(logging.INFO)
     assert main(_gguf(model, out)) == 0
-    assert "intermediate: inputs or settings changed" in caplog.text and _resumed(caplog) is None
-    gguf = f"{bundled_fixture.name}-Q4_K_M.gguf"  # same bytes; the provenance names another folder
-    assert soak.artifact_digest(out / NAME)[gguf] == reference[gguf]
+    # every tensor read from the shard is converted again; only rope_freqs (made from config.json) is kept
+    assert "inputs or settings changed since the earlier run" in caplog.text
+    assert _resumed(caplog) == f"1 of {TENSORS} units reused from the interrupted run (tensors)"
+    file = f"{bundled_fixture.name}-Q4_K_M.gguf"  # same bytes; the provenance names another folder
+    assert soak.artifact_digest(out / NAME)[file] == reference[file]
 
 
-def test_other_statistics_keep_the_intermediate_and_redo_the_imatrix(llama_cpp, bundled_fixture, tmp_path,
-                                                                      monkeypatch, caplog):
+def test_other_statistics_redo_only_the_tensors_they_change(llama_cpp, bundled_fixture, tmp_path, monkeypatch,
+                                                             caplog):
     assert main(["calibrate", str(bundled_fixture), "--out", str(tmp_path / "c"), "--num-samples", "2",
                  "--seq-len", "32"]) == 0
     stats = tmp_path / "c" / "tiny-step35-calib" / "stats.safetensors"
@@ -202,17 +209,18 @@ def test_other_statistics_keep_the_intermediate_and_redo_the_imatrix(llama_cpp, 
     assert main(_gguf(bundled_fixture, tmp_path / "ref", "--imatrix", "--stats", str(other))) == 0
     reference = soak.artifact_digest(tmp_path / "ref" / NAME)
     out = tmp_path / "out"
-    _interrupted(_gguf(bundled_fixture, out, "--imatrix", "--stats", str(stats)), out, monkeypatch, 2)
+    _interrupted(_gguf(bundled_fixture, out, "--imatrix", "--stats", str(stats)), out, monkeypatch, TENSORS - 1)
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out, "--imatrix", "--stats", str(other))) == 0
-    assert "imatrix: inputs or settings changed since the earlier run" in caplog.text
-    assert _resumed(caplog) == "1 of 3 units reused from the interrupted run (intermediate)"
+    changed = [r.getMessage() for r in caplog.records if "inputs or settings changed" in r.getMessage()]
+    assert len(changed) == 1  # the one tensor whose imatrix weights differ
+    assert _resumed(caplog) == f"{TENSORS - 2} of {TENSORS} units reused from the interrupted run (tensors)"
     assert soak.artifact_digest(out / NAME) == reference
 
 
 def test_force_starts_over(reference, bundled_fixture, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
-    _interrupted(_gguf(bundled_fixture, out), out, monkeypatch, 1)
+    _interrupted(_gguf(bundled_fixture, out), out, monkeypatch, 40)
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out, "--force")) == 0
     assert "resuming" not in caplog.text and _resumed(caplog) is None
