@@ -30,6 +30,7 @@ from convert.errors import BadInput
 from convert.gguf_names import QT, ROPE_FREQS, ZERO_CENTRED_NORMS, PlannedTensor, gguf_name, storage_type
 from convert.gguf_vocab import add_tokenizer
 from quant.fast_common import all_finite
+from quant.fast_q8_0 import quantize_q8_0
 from quant.mtp import in_gguf
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.STEP35]  # "step35"
@@ -150,7 +151,15 @@ class StreamedTensor:
         return _encode(rows.numpy(), self.p.qtype)
 
     def encode(self, block: torch.Tensor) -> np.ndarray:
-        """One block of rows as stored: the source bytes when they already are, else gguf-py's conversion."""
+        """One block of rows as stored: the source bytes when they already are, Q8_0 by the fused kernel (gguf-py's
+        bytes, ~6x faster), else gguf-py's conversion."""
+        if self.p.qtype == QT.Q8_0 and not self.p.add_one:
+            try:
+                fast = quantize_q8_0(block)
+            except ValueError as e:
+                raise BadInput(f"tensor {self.p.source}: {e}") from e
+            if fast is not None:
+                return fast
         if not self.raw_copy:
             return self._convert(block)
         if not all_finite(block):
@@ -174,7 +183,7 @@ class StreamedTensor:
             with ThreadPoolExecutor(max_workers=WORKERS) as pool:
                 pending: deque = deque()
                 for block in self._blocks():
-                    pending.append(pool.submit(self._convert, block))
+                    pending.append(pool.submit(self.encode, block))
                     if len(pending) > 2 * WORKERS:  # bounded look-ahead: memory stays a few blocks
                         written += _write(fp, pending.popleft().result())
                 while pending:

@@ -1,11 +1,11 @@
 """The GGUF export job (`stepq quantize --scheme gguf`): GGUF variants for llama.cpp, `OUT/<model>-GGUF-<QTYPE>/` holding the `.gguf` file(s) and `stepq.json`.
 
-Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the output -> BF16/F16/Q8_0: stream the
-checkpoint into the GGUF directly (gguf-py, identical to llama.cpp's converter), one resumable stage; K/IQ-quants:
-one streaming pass that quantizes each tensor in-process with ggml's own quantizer into the planned file(s), the
-bytes `llama-quantize` (+ `llama-gguf-split`) would write from a BF16 GGUF (`convert.gguf_quantize`), each finished
-tensor recorded for the resume -> provenance (every tensor's type as read back from the written files) -> atomic
-rename of the folder. Progress is kept in the temporary folder `.<name>.partial`, so the same command resumes.
+Top to bottom: open + validate the checkpoint -> pick the recipe -> lock the output -> plan the file(s) (header,
+tensor table, offsets) -> one streaming pass writing each tensor into its place (`convert.gguf_quantize`):
+BF16/F16/Q8_0 as llama.cpp's converter writes them (gguf-py's bytes), K/IQ-quants quantized in-process by ggml's
+own quantizer, the bytes `llama-quantize` (+ `llama-gguf-split`) would write from a BF16 GGUF -> provenance (every
+tensor's type as read back from the written files) -> atomic rename of the folder. Each finished tensor is recorded
+in the temporary folder `.<name>.partial` (`convert.writer`), so the same command resumes where a kill stopped it.
 
 Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
 holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
@@ -16,7 +16,6 @@ a trunk in a Hub repo, so both files can be published into one repo without rena
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import ExitStack
@@ -29,29 +28,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from convert.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from convert.config import SIDE_FILES, model_name
-from convert.durable import AtomicDir
+from convert.checkpoint import Checkpoint, open_checkpoint
+from convert.config import model_name
 from convert.errors import BadInput
 from convert.executor import Executor, LocalExecutor
 from convert.ggml_quants import ggml_type
-from convert.gguf_export import GGUFExport, describe_gguf, write_gguf
+from convert.gguf_export import GGUFExport, describe_gguf
 from convert.gguf_names import PlannedTensor
 from convert.gguf_quantize import (
     Importance,
     QuantTensor,
     check_importance,
     default_workers,
-    plan_files,
+    direct_metadata,
+    plan_converter_files,
+    plan_direct,
     plan_quantized,
+    plan_quantized_files,
     quantized_metadata,
     tensor_key,
     tensor_tasks,
 )
 from convert.gguf_recipe import DIRECT_TYPES, GGUFRecipe, block_size, fallback_type, recipe_for, supported_qtypes
 from convert.gguf_tools import LLAMA_CPP_PYTHON_VERSION, tool
-from convert.hashing import BackgroundHashes, file_sha256
-from convert.ledger import Stages
+from convert.hashing import file_sha256
 from convert.lock import OutputLock
 from convert.provenance import digest, peak_rss_mib, source_files, versions
 from convert.safetensors_export import SOURCE_SHA256, shard_memo_key, source_hashes
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
 DEFAULT_SPLIT_BYTES = 45 * 1000**3  # under the Hub's 50 GB per-file limit
 LLAMA_CPP_COMMIT = "0c1e57098"  # what llama-cpp-python 0.3.36 vendors
-READ_FILES = ("config.json", INDEX_NAME, "README.md", *SIDE_FILES)  # what the GGUF writer reads besides weights
 log = logging.getLogger("stepq.gguf")
 
 
@@ -84,9 +83,9 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
     from them (`convert.gguf_imatrix`), the same calibration pass as FP8/NVFP4; the imatrix-only types (IQ2_XS,
     ...) require it. `executor` runs the K/IQ pieces (default: a `LocalExecutor` with one worker per core).
 
-    Re-running after an interruption resumes: a direct type's finished file, or each K/IQ tensor finished, is kept
-    in the temporary folder with a key of its inputs and the hash of its bytes, and reused when both still match;
-    `force` starts over. One run per output folder (`convert.lock`).
+    Re-running after an interruption resumes: each finished tensor is kept in the temporary folder with a key of
+    its inputs and a digest of its bytes, and reused when both still match; `force` starts over. One run per
+    output folder (`convert.lock`).
     """
     t0 = time.time()
     qtype = qtype.upper()
@@ -106,60 +105,28 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
                    f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}",
                    max_shard_bytes or DEFAULT_SPLIT_BYTES)
         source = source_id or str(model_dir)
-        if recipe is None:
-            _export_direct(job, out_dir, force, source, revision, t0)
-        else:
-            _export_quantized(job, out_dir, force, source, revision, t0, executor)
+        _export(job, out_dir, force, source, revision, t0, executor)
     finally:
         ckpt.close()
     return out_dir
 
 
-def _export_direct(job: _Job, out_dir: Path, force: bool, source: str, revision: str | None, t0: float) -> None:
-    """BF16/F16/Q8_0: gguf-py writes the variant in one resumable stage."""
-    timings = {}
-    atomic = AtomicDir(out_dir, force, resumable=True)
-    with OutputLock(out_dir), atomic as tmp:
-        # the source shards' sha256 (stepq.json) on a thread, reading alongside the export instead of after it
-        hashes = BackgroundHashes([job.ckpt.dir / s for s in sorted(job.ckpt.shards)])
-        progress = Stages(tmp)
-        if progress.has_work:
-            log.info("%s: resuming (finished stages recorded by an earlier run)", tmp)
-        try:
-            files = _direct_stages(job, progress)
-        except BaseException:
-            hashes.close()
-            raise
-        finally:
-            atomic.keep_on_error = progress.has_work  # finished stages survive a failure, for the resume
-        if progress.reused:
-            log.info("resumed: %d of %d units reused from the interrupted run (%s)", len(progress.reused),
-                     len(progress.reused) + len(progress.made), ", ".join(progress.reused))
-        timings["convert_s"] = time.time() - t0
-        exp = describe_gguf(job.ckpt, job.qtype, job.mtp, job.mtp_only)
-        prov = _provenance(job.ckpt, exp, None, job.qtype, files, progress.recorded(files),
-                           lambda p: hashes.result(p), source, revision, timings)
-        (tmp / "stepq.json").write_text(json.dumps(prov, indent=2) + "\n")
-        published = {f.name for f in files} | {"stepq.json"}
-        atomic.scratch += [p.name for p in tmp.iterdir() if p.name not in published]  # progress, stale files
-
-
-def _export_quantized(job: _Job, out_dir: Path, force: bool, source: str, revision: str | None, t0: float,
-                      executor: Executor | None) -> None:
-    """K/IQ types: one pass through the artifact writer, resumable per tensor."""
+def _export(job: _Job, out_dir: Path, force: bool, source: str, revision: str | None, t0: float,
+            executor: Executor | None) -> None:
+    """One pass through the artifact writer into the planned file(s), resumable per tensor."""
     timings = {}
     with ExitStack() as stack:
         stack.enter_context(OutputLock(out_dir))
         writer = stack.enter_context(ArtifactWriter(out_dir, force=force, resumable=True))
         if executor is None:
             executor = stack.enter_context(LocalExecutor(workers=default_workers()))
-        tensors, importance = _plan_quantized(job, writer)
+        tensors, importance = _plan(job, writer)
         # the source shards' sha256 (stepq.json) on a thread, reading alongside the pass instead of after it
         hashes = source_hashes(writer, job.ckpt)
         stack.callback(hashes.close)
-        files = _write_quantized(job, writer, tensors, importance, executor, timings)
-        timings.setdefault("convert_s", time.time() - t0)
-        exp = describe_gguf(job.ckpt, "BF16", job.mtp, job.mtp_only)
+        files = _write(job, writer, tensors, importance, executor)
+        timings["convert_s"] = time.time() - t0
+        exp = describe_gguf(job.ckpt, "BF16" if job.recipe else job.qtype, job.mtp, job.mtp_only)
         records = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
 
         def sha256_of(p: Path) -> str:
@@ -185,45 +152,33 @@ class _Job:
     stem: str  # output file name without .gguf
     split: int  # max bytes per file
 
-    def source_key(self) -> dict:
-        """The source without reading its weights -- each shard's identity (size, mtime, header hash; or its Hub
-        blob hash), the small files the writer reads, the folder name (general.name) -- the writing code's versions
-        and the MTP settings: what every stage depends on."""
-        files = {n: file_sha256(self.ckpt.dir / n) for n in READ_FILES if (self.ckpt.dir / n).is_file()}
-        return {"shards": {s: self.ckpt.shard_identity(s) for s in sorted(self.ckpt.shards)}, "files": files,
-                "name": self.ckpt.dir.name, **versions("stepq", "gguf"),
-                "mtp": self.mtp, "mtp_only": self.mtp_only}
 
-
-def _direct_stages(job: _Job, progress: Stages) -> list[Path]:
-    """gguf-py writes the variant itself (BF16, F16, Q8_0, ...): one stage."""
-    key = digest({"stage": "gguf", "source": job.source_key(), "qtype": job.qtype, "stem": job.stem,
-                  "split": job.split})
-    return progress.obtain("gguf", key, lambda d: write_gguf(job.ckpt, d / f"{job.stem}.gguf", job.qtype, job.mtp,
-                                                             split_max_bytes=job.split, mtp_only=job.mtp_only))
-
-
-def _plan_quantized(job: _Job, writer: ArtifactWriter) -> tuple[list[QuantTensor], Importance | None]:
-    """Every tensor's type and place, as llama-quantize (+ llama-gguf-split) lays the file(s) out; the files are
-    created (or an interrupted run's reopened). Types the built ggml lacks and a missing imatrix a type needs are
-    refused here, before anything is written."""
+def _plan(job: _Job, writer: ArtifactWriter) -> tuple[list[QuantTensor], Importance | None]:
+    """Every tensor's type and place -- as llama.cpp's converter writes a direct type, as llama-quantize (+
+    llama-gguf-split) lays out a K/IQ type --; the files are created (or an interrupted run's reopened). Types the
+    built ggml lacks and a missing imatrix a type needs are refused here, before anything is written."""
+    if job.recipe is None:
+        tensors = plan_direct(job.ckpt, job.qtype, job.mtp, job.mtp_only)
+        kv, _tok = direct_metadata(job.ckpt, job.qtype, job.mtp, job.mtp_only)
+        writer.plan_files(plan_converter_files(job.stem, kv, tensors, job.split), kind="gguf")
+        return tensors, None
     tensors = plan_quantized(job.ckpt, job.recipe, job.mtp, job.mtp_only)
     for name in sorted({x.qtype.name for x in tensors}):
         ggml_type(name)
     importance = None if job.imatrix is None else Importance.from_stats(job.imatrix, job.ckpt, job.mtp)
     check_importance(tensors, importance)
     kv, _tok = quantized_metadata(job.ckpt, job.recipe, job.mtp, job.mtp_only, importance)
-    writer.plan_files(plan_files(job.stem, kv, tensors, job.split), kind="gguf")
+    writer.plan_files(plan_quantized_files(job.stem, kv, tensors, job.split), kind="gguf")
     return tensors, importance
 
 
-def _write_quantized(job: _Job, writer: ArtifactWriter, tensors: list[QuantTensor], importance: Importance | None,
-                     executor: Executor, timings: dict) -> list[Path]:
-    """Quantize each tensor piece by piece (an expert, or a block of rows) with ggml's quantizer straight into its
-    place; tensors an interrupted run finished under the same key are verified and kept."""
-    t = time.time()
-    settings = digest({"qtype": job.qtype, "recipe": job.recipe.to_dict(), "llama_cpp": LLAMA_CPP_COMMIT,
-                       "config_sha256": file_sha256(job.ckpt.dir / "config.json"), **versions("stepq", "gguf")})
+def _write(job: _Job, writer: ArtifactWriter, tensors: list[QuantTensor], importance: Importance | None,
+           executor: Executor) -> list[Path]:
+    """Convert each tensor piece by piece (an expert, or a block of rows) straight into its place; tensors an
+    interrupted run finished under the same key are verified and kept."""
+    settings = digest({"qtype": job.qtype, "recipe": job.recipe.to_dict() if job.recipe else None,
+                       "llama_cpp": LLAMA_CPP_COMMIT, "config_sha256": file_sha256(job.ckpt.dir / "config.json"),
+                       **versions("stepq", "gguf")})
     keys = {x.p.name: tensor_key(job.ckpt, x, settings, importance) for x in tensors}
     with tqdm(total=sum(x.nbytes for x in tensors), unit="B", unit_scale=True, desc=f"quantize {job.qtype}",
               disable=None) as bar:
@@ -236,8 +191,7 @@ def _write_quantized(job: _Job, writer: ArtifactWriter, tensors: list[QuantTenso
         tasks = (task for x in todo for task in tensor_tasks(job.ckpt, x, importance))
         for task, data in executor.map(tasks):
             x, piece, last = task.key
-            data = data.reshape(-1).view(np.uint8)
-            flat = torch.from_numpy(data if data.flags.writeable else data.copy())  # mmap'd source bytes: read-only
+            flat = torch.from_numpy(data.reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) else data
             writer.write(x.p.name, flat, row=piece.byte_offset)
             bar.update(flat.numel())
             if last:
@@ -245,7 +199,6 @@ def _write_quantized(job: _Job, writer: ArtifactWriter, tensors: list[QuantTenso
     if writer.reused_units:
         log.info("resumed: %d of %d units reused from the interrupted run (tensors)", writer.reused_units,
                  len(tensors))
-    timings["convert_s"] = time.time() - t
     return [writer.tmp / name for name in writer.shard_names]
 
 

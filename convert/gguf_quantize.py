@@ -15,6 +15,9 @@ What `llama-quantize` (llama.cpp 0c1e57098, `src/llama-quant.cpp`) does, and the
 the padded data would exceed the size, all metadata in the first file, `split.no`, `split.tensors.count`,
 `split.count` in each. tests/test_gguf_one_pass.py compares every README type with the two tools' output.
 
+The direct types (BF16, F16, Q8_0) use the same pass with llama.cpp's converter's plan instead: its tensor order,
+its metadata, gguf-py's split rule and bytes (Q8_0 by the fused kernel `quant.fast_q8_0`, gguf-py's bytes).
+
 Memory: one expert (or a block of rows) per worker. Resume: each tensor is a unit of the artifact writer's ledger
 (`convert.writer`), so a killed export keeps every tensor it finished.
 """
@@ -87,6 +90,11 @@ def loader_order(name: str) -> tuple[int, str]:
     """llama.cpp's `weight_name_comparer`: block number (-1 outside blocks), then the name (bytewise)."""
     m = _BLOCK.match(name)
     return (int(m.group(1)) if m else -1, name)
+
+
+def plan_direct(ckpt: Checkpoint, outtype: str, mtp: bool, mtp_only: bool) -> list[QuantTensor]:
+    """A type gguf-py writes (BF16, F16, Q8_0): llama.cpp's converter's tensors, order and types."""
+    return [QuantTensor(p, p.qtype) for p in plan_tensors(ckpt, outtype, mtp, mtp_only)]
 
 
 def plan_quantized(ckpt: Checkpoint, recipe: GGUFRecipe, mtp: bool, mtp_only: bool) -> list[QuantTensor]:
@@ -181,6 +189,14 @@ def quantized_metadata(ckpt: Checkpoint, recipe: GGUFRecipe, mtp: bool, mtp_only
     return list(kv.items()), tok
 
 
+def direct_metadata(ckpt: Checkpoint, outtype: str, mtp: bool, mtp_only: bool
+                    ) -> tuple[list[tuple[str, GGUFValue]], dict]:
+    """The keys llama.cpp's converter writes for a BF16/F16/Q8_0 export, in its order; and the tokenizer summary."""
+    plan = plan_tensors(ckpt, outtype, mtp, mtp_only)
+    w, tok = metadata_writer(ckpt, plan, QT[outtype], mtp)
+    return list(w.kv_data[0].items()), tok
+
+
 def gguf_header(kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor]) -> bytes:
     """Header, metadata and tensor table of a GGUF v3 file, padded to the data alignment (gguf-py's packing)."""
     w = gguf.GGUFWriter(None, arch="")
@@ -218,7 +234,7 @@ def split_groups(tensors: list[QuantTensor], max_bytes: int) -> list[list[QuantT
     return groups
 
 
-def plan_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor], split_bytes: int
+def plan_quantized_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor], split_bytes: int
                ) -> list[PlannedFile]:
     """The output file(s): `<stem>.gguf`, or llama-gguf-split's shards when the file would exceed `split_bytes`."""
     whole = _layout(f"{stem}.gguf", kv, tensors)
@@ -230,6 +246,31 @@ def plan_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTe
         split_kv = [(K.Split.LLM_KV_SPLIT_NO, GGUFValue(i, gguf.GGUFValueType.UINT16)),
                     (K.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValue(len(tensors), gguf.GGUFValueType.INT32)),
                     (K.Split.LLM_KV_SPLIT_COUNT, GGUFValue(len(groups), gguf.GGUFValueType.UINT16))]
+        files.append(_layout(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.gguf", (kv if i == 0 else []) + split_kv,
+                             group))
+    return files
+
+
+def plan_converter_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor], split_bytes: int
+                         ) -> list[PlannedFile]:
+    """The file(s) llama.cpp's converter (gguf-py's writer, `--split-max-size`) writes: a new file when the next
+    tensor's data would take the current one over `split_bytes` (unpadded sizes); metadata in the first file,
+    `split.no`, `split.count`, `split.tensors.count` appended to each."""
+    groups: list[list[QuantTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if groups[-1] and split_bytes and used + t.nbytes > split_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    if len(groups) == 1:
+        return [_layout(f"{stem}.gguf", kv, tensors)]
+    files = []
+    for i, group in enumerate(groups):
+        split_kv = [(K.Split.LLM_KV_SPLIT_NO, GGUFValue(i, gguf.GGUFValueType.UINT16)),
+                    (K.Split.LLM_KV_SPLIT_COUNT, GGUFValue(len(groups), gguf.GGUFValueType.UINT16)),
+                    (K.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValue(len(tensors), gguf.GGUFValueType.INT32))]
         files.append(_layout(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.gguf", (kv if i == 0 else []) + split_kv,
                              group))
     return files
@@ -283,10 +324,13 @@ def read_piece(ckpt: Checkpoint, piece: Piece, rope_factors: np.ndarray | None) 
 
 
 def convert_piece(piece: Piece, importance: Importance | None, converter: StreamedTensor, rows: torch.Tensor
-                  ) -> np.ndarray:
+                  ) -> np.ndarray | torch.Tensor:
     """The piece's bytes as the output stores them."""
     t = piece.tensor
-    if t.qtype == t.p.qtype:  # kept in the intermediate's type (F32): what the BF16 export writes
+    if t.qtype == t.p.qtype:  # a direct type's tensor, or kept in the intermediate's type (F32)
+        if converter.raw_copy:  # the source's own bytes (mmap'd, read-only): handed on without a copy
+            converter.encode(rows)  # the finite check
+            return rows.contiguous().reshape(-1).view(torch.uint8)
         return converter.encode(rows)
     if not bool(torch.isfinite(rows).all()):
         raise BadInput(f"tensor {t.p.source}: contains NaN or Inf")

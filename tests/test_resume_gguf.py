@@ -1,6 +1,5 @@
-"""Resume of `stepq quantize --scheme gguf`: an interrupted export keeps what it finished -- each tensor of a K/IQ
-type (written in one pass, `convert.gguf_quantize`), the whole file of a direct type (gguf-py) -- and gives the
-very bytes of an uninterrupted run; a changed input or setting redoes what depends on it; `--force` starts over.
+"""Resume of `stepq quantize --scheme gguf`: an interrupted export keeps each tensor it finished (every type is
+written in one pass into planned files, `convert.gguf_quantize`) and gives the very bytes of an uninterrupted run; a changed input or setting redoes what depends on it; `--force` starts over.
 
 The fault-injection test SIGKILLs real `stepq quantize` processes at random points with bench/fault_soak.py's
 harness (a watcher checks the final folder never appears unfinished). The other tests stop a run in-process after a
@@ -25,7 +24,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from convert.ledger import LEDGER_NAME, Stages
+from convert.ledger import LEDGER_NAME
 from convert.writer import ArtifactWriter
 from stepq.cli import main
 
@@ -109,23 +108,20 @@ class Crash(Exception):
     """Stands for the process dying: not bad input, so the temporary folder keeps its finished stages."""
 
 
-def _crash_after(monkeypatch, k: int, method=(ArtifactWriter, "commit")) -> None:
-    """Raise Crash once `method` (a K/IQ tensor's commit, or a finished direct-type stage) has run `k` times."""
-    cls, name = method
-    real, done = getattr(cls, name), []
+def _crash_after(monkeypatch, k: int) -> None:
+    """Raise Crash once `k` tensors are recorded as finished."""
+    real, done = ArtifactWriter.commit, []
 
-    def finished(self, *args):
-        out = real(self, *args)
+    def commit(self, *args):
+        real(self, *args)
         done.append(args[0])
         if len(done) == k:
             raise Crash(f"after {done}")
-        return out
-    monkeypatch.setattr(cls, name, finished)
+    monkeypatch.setattr(ArtifactWriter, "commit", commit)
 
 
-def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NAME,
-                 method=(ArtifactWriter, "commit")) -> Path:
-    _crash_after(monkeypatch, k, method)
+def _interrupted(argv: list[str], out: Path, monkeypatch, k: int, name: str = NAME) -> Path:
+    _crash_after(monkeypatch, k)
     with pytest.raises(Crash):
         main(argv)
     monkeypatch.undo()
@@ -153,16 +149,16 @@ def test_resume_keeps_the_finished_tensors(reference, bundled_fixture, tmp_path,
 
 
 def test_resume_of_a_direct_type(bundled_fixture, tmp_path, monkeypatch, caplog):
-    """Q8_0 is written by gguf-py in one stage, split here in 3 files: finished, then killed before publishing."""
+    """Q8_0 (gguf-py's bytes) goes through the same writer, split here in 3 files: killed after 50 tensors."""
     name, split = "tiny-step35-GGUF-Q8_0", ("--max-shard-size", "5MB")
     assert main(_gguf(bundled_fixture, tmp_path / "ref", *split, qtype="Q8_0")) == 0
     reference = soak.artifact_digest(tmp_path / "ref" / name)
     assert len(reference) == 4  # 3 files + stepq.json
     out = tmp_path / "out"
-    _interrupted(_gguf(bundled_fixture, out, *split, qtype="Q8_0"), out, monkeypatch, 1, name, (Stages, "make"))
+    _interrupted(_gguf(bundled_fixture, out, *split, qtype="Q8_0"), out, monkeypatch, 50, name)
     caplog.set_level(logging.INFO)
     assert main(_gguf(bundled_fixture, out, *split, qtype="Q8_0")) == 0
-    assert _resumed(caplog) == "1 of 1 units reused from the interrupted run (gguf)"
+    assert _resumed(caplog) == f"50 of {TENSORS} units reused from the interrupted run (tensors)"
     assert soak.artifact_digest(out / name) == reference
 
 
