@@ -56,11 +56,11 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def measured(cmd: list[str], log: Path) -> dict:
+def measured(cmd: list[str], log: Path, cwd: Path = ROOT) -> dict:
     """Run `cmd`; -> seconds, peak RSS (VmHWM) and peak RssAnon of the child, sampled every 10 ms."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
     peak = {"VmHWM": 0, "RssAnon": 0}
 
     def sample():

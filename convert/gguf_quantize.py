@@ -113,35 +113,42 @@ def plan_quantized(ckpt: Checkpoint, recipe: GGUFRecipe, mtp: bool, mtp_only: bo
 
 @dataclass
 class Importance:
-    """The per-column weights llama-quantize derives from an imatrix file, per GGUF tensor (n_mat, n_in)."""
+    """The imatrix entries of an export (per GGUF tensor: sums of squared inputs (n_mat, n_in) and token counts
+    (n_mat, 1), views of the statistics), turned into llama-quantize's per-column weights one tensor at a time: all
+    of them at once would double the statistics' memory (~0.5 GB for the real model)."""
 
-    weights: dict[str, np.ndarray]
+    entries: dict[str, tuple[np.ndarray, np.ndarray]]
     dataset: str | None
     chunks: int
 
     @classmethod
     def from_stats(cls, stats: CalibStats, ckpt: Checkpoint, mtp: bool) -> Importance:
         entries, _missing = imatrix_entries(stats, ckpt, mtp)
-        weights = {}
-        for name, (sums, counts) in entries.items():
-            sums2, counts2 = sums.reshape(-1, sums.shape[-1]), counts.reshape(-1, 1)
-            with np.errstate(divide="ignore", invalid="ignore"):  # float32 / float32, as load_imatrix divides
-                w = np.where(counts2 > 0, sums2 / counts2, np.float32(1.0)).astype(np.float32)
-            weights[name] = w
         dataset = (stats.meta.get("dataset") or {}).get("id") or str(stats.path)
-        return cls(weights, dataset, int(stats.meta.get("n") or 0))
+        return cls(entries, dataset, int(stats.meta.get("n") or 0))
+
+    def weights(self, name: str, matrix: int = 0) -> np.ndarray | None:
+        """The column weights (n_in,) float32 of one matrix (an expert of a stack) as `load_imatrix` makes them:
+        sums / count (float32 division), all ones for an expert no token reached; None without an entry."""
+        if name not in self.entries:
+            return None
+        sums, counts = self.entries[name]
+        sums, count = sums.reshape(-1, sums.shape[-1])[matrix], counts.reshape(-1)[matrix]
+        return (sums / count).astype(np.float32) if count > 0 else np.ones_like(sums, dtype=np.float32)
 
     def digest(self, name: str) -> str | None:
-        """What a tensor's bytes depend on in the imatrix: its own weights (another module's change keeps it)."""
-        w = self.weights.get(name)
-        return None if w is None else xxhash.xxh3_128_hexdigest(w.tobytes())
+        """What a tensor's bytes depend on in the imatrix: its own entry (another module's change keeps it)."""
+        if name not in self.entries:
+            return None
+        sums, counts = self.entries[name]
+        return xxhash.xxh3_128_hexdigest(sums.tobytes() + counts.tobytes())
 
     def metadata(self) -> list[tuple[str, GGUFValue]]:
         """The keys llama-quantize's CLI adds for `--imatrix`, in its order."""
         kv = [("quantize.imatrix.file", _kv_string(IMATRIX_FILE))]
         if self.dataset:
             kv.append(("quantize.imatrix.dataset", _kv_string(self.dataset)))
-        kv.append(("quantize.imatrix.entries_count", GGUFValue(len(self.weights), gguf.GGUFValueType.UINT32)))
+        kv.append(("quantize.imatrix.entries_count", GGUFValue(len(self.entries), gguf.GGUFValueType.UINT32)))
         if self.chunks > 0:
             kv.append(("quantize.imatrix.chunks_count", GGUFValue(self.chunks, gguf.GGUFValueType.UINT32)))
         return kv
@@ -155,12 +162,12 @@ def check_importance(tensors: list[QuantTensor], importance: Importance | None) 
     """Refuse before writing anything what llama-quantize refuses mid-way: a very-low-bit type without imatrix
     weights for that tensor (token_embd and output are exempt there), and weights of the wrong width."""
     for t in tensors:
-        w = importance.weights.get(t.p.name) if importance is not None else None
-        if w is not None and w.size != t.p.shape[-1] * (t.p.shape[0] if len(t.p.shape) == 3 else 1):
-            raise BadInput(f"tensor {t.p.name}: imatrix has {w.size} values, the weight {list(t.p.shape)} needs "
+        sums = importance.entries.get(t.p.name, (None,))[0] if importance is not None else None
+        if sums is not None and sums.size != t.p.shape[-1] * (t.p.shape[0] if len(t.p.shape) == 3 else 1):
+            raise BadInput(f"tensor {t.p.name}: imatrix has {sums.size} values, the weight {list(t.p.shape)} needs "
                            f"{t.p.shape[-1]} per matrix")
         exempt = t.p.name in ("token_embd.weight", "output.weight")
-        if w is None and not exempt and t.qtype.name in IMATRIX_REQUIRED:
+        if sums is None and not exempt and t.qtype.name in IMATRIX_REQUIRED:
             raise BadInput(f"tensor {t.p.name} ({t.p.source}): {t.qtype.name} needs an importance matrix, and the "
                            f"calibration statistics have none for it")
 
@@ -335,8 +342,7 @@ def convert_piece(piece: Piece, importance: Importance | None, converter: Stream
     if not bool(torch.isfinite(rows).all()):
         raise BadInput(f"tensor {t.p.source}: contains NaN or Inf")
     values = rows.to(torch.bfloat16).to(torch.float32).numpy()  # the BF16 intermediate's values
-    w = importance.weights.get(t.p.name) if importance is not None else None
-    imatrix = None if w is None else w[piece.expert or 0]
+    imatrix = importance.weights(t.p.name, piece.expert or 0) if importance is not None else None
     try:
         return ggml_quants.quantize(int(t.qtype), values, imatrix)
     except ValueError as e:
