@@ -110,10 +110,20 @@ class SourceReader:
         if self.meta:
             e = self.ckpt.tensors[name].entry
             return torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")
+        self._read_ahead(name, 0)
         return self.ckpt.read(name)
 
     def read_expert(self, name: str, expert: int) -> torch.Tensor:
-        return self.read(name)[expert] if self.meta else self.ckpt.read_expert(name, expert)
+        if self.meta:
+            return self.read(name)[expert]
+        self._read_ahead(name, expert)
+        return self.ckpt.read_expert(name, expert)
+
+    def _read_ahead(self, name: str, expert: int) -> None:
+        """The conversion goes through each shard front to back: keep the disk busy ahead of it."""
+        t = self.ckpt.tensors[name]
+        per = t.entry.nbytes // t.entry.shape[0] if expert else 0
+        self.ckpt.shards[t.shard].read_ahead(t.entry.start + expert * per)
 
     def act(self, t: SourceTensor, expert: int | None = None) -> torch.Tensor | None:
         """Calibrated input absmax of a module (or of one expert); None when the scheme runs without statistics."""
@@ -161,15 +171,18 @@ def parts(unit: Unit) -> list[int | None]:
 
 
 def read_part(src, unit: Unit, expert: int | None) -> list[torch.Tensor]:
-    """The I/O half of a piece: the members' source tensors (mmap views), Inf/NaN-checked."""
+    """The I/O half of a piece: the members' source tensors (mmap views; the executor faults their pages in)."""
     if expert is None:
-        return [src.checked(t, src.read(t.info.name)) for t in unit.members]
-    return [src.checked(t, src.read_expert(t.info.name, expert)) for t in unit.members]
+        return [src.read(t.info.name) for t in unit.members]
+    return [src.read_expert(t.info.name, expert) for t in unit.members]
 
 
 def compute_part(layout, src, unit: Unit, expert: int | None,
                  ws: list[torch.Tensor]) -> list[tuple[str, torch.Tensor, int | None]]:
-    """The CPU half: the piece's output tensors (name, tensor, first row or None)."""
+    """The CPU half: the Inf/NaN check, then the piece's output tensors (name, tensor, first row or None).
+    The check runs here, on pages already read, not in `read_part`: it runs on the kernels' thread pool, whose
+    threads would otherwise wait on the disk there while the quantize calls queue behind them."""
+    ws = [src.checked(t, w) for t, w in zip(unit.members, ws)]
     if not unit.quantize:
         return [(unit.members[0].info.name, ws[0], None)]  # kept: the source bytes, unchanged
     modules = [t.info.module for t in unit.members]

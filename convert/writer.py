@@ -29,6 +29,7 @@ import torch
 import xxhash
 
 from convert.checkpoint import INDEX_NAME
+from convert.direct_write import DirectStream, open_direct
 from convert.durable import AtomicDir, WriteFailed
 from convert.ledger import LEDGER_NAME, Ledger
 from convert.safetensors_io import DTYPE_NAMES
@@ -100,6 +101,12 @@ class ArtifactWriter:
         self._written: dict[str, int] = {}
         self._streamed: dict[str, list] = {}  # name -> [digest of its bytes written front to back, bytes covered]
         self._ledger: Ledger | None = None  # resumable writers: the finished units, this run's and an earlier one's
+        # Bytes go to disk through O_DIRECT staging buffers (convert.direct_write) where the filesystem allows:
+        # one stream at a time (shards are filled one after another), an O_DIRECT descriptor per shard (or None).
+        self._direct_io = os.environ.get("STEPQ_DIRECT_IO", "1") != "0"
+        self._stream: DirectStream | None = None
+        self._stream_path: Path | None = None  # the shard the stream writes, for error messages
+        self._direct_fds: dict[int, int | None] = {}
         self.reused_units = 0
 
     def __enter__(self) -> ArtifactWriter:
@@ -121,6 +128,10 @@ class ArtifactWriter:
         self._dir.__exit__(exc_type, exc, tb)
 
     def _abort(self) -> None:
+        if self._stream is not None:
+            self._stream.abandon()
+            self._stream = None
+        self._close_direct_fds()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -231,14 +242,57 @@ class ArtifactWriter:
         flat = tensor.detach().contiguous().reshape(-1)
         if flat.numel():
             data = flat.view(torch.uint8).numpy().data
-            done = 0
             try:
-                while done < len(data):  # pwrite may write less than asked
-                    done += os.pwrite(fd, data[done:], offset + start + done)
+                self._put(fd, offset + start, data, self.tmp / self._weight_map[name])
             except OSError as e:
                 raise self._write_failed(e, self.tmp / self._weight_map[name]) from e
             self._written[name] += len(data)
             self._stream_hash(name, start, data)
+
+    def _put(self, fd: int, offset: int, data: memoryview, path: Path) -> None:
+        """`data` to `offset` of shard `fd`: appended to the direct stream when there is one, else pwrite."""
+        stream = self._direct_stream(fd, path)
+        if stream is None:
+            done = 0
+            while done < len(data):  # pwrite may write less than asked
+                done += os.pwrite(fd, data[done:], offset + done)
+            return
+        if stream.end != offset:  # a new shard, or out of order: flushed, and a new run of bytes starts here
+            stream.begin(offset)
+        stream.append(data)
+
+    def _direct_stream(self, fd: int, path: Path) -> DirectStream | None:
+        if self._stream is not None and self._stream.fd == fd:
+            return self._stream
+        if not self._direct_io:
+            return None
+        if fd not in self._direct_fds:
+            self._direct_fds[fd] = open_direct(path)
+        if self._direct_fds[fd] is None:
+            return None
+        self._flush_stream(close=True)
+        self._stream, self._stream_path = DirectStream(fd, self._direct_fds[fd]), path
+        return self._stream
+
+    def _flush_stream(self, close: bool = False) -> None:
+        """Buffered bytes into the shard file (before reading it back, recording a unit, fsync)."""
+        if self._stream is None:
+            return
+        try:
+            if close:
+                stream, self._stream = self._stream, None
+                stream.close()
+            else:
+                self._stream.flush()
+        except OSError as e:  # the bytes were the stream's shard's: name it in the message
+            e.filename = e.filename or str(self._stream_path)
+            raise
+
+    def _close_direct_fds(self) -> None:
+        for dfd in self._direct_fds.values():
+            if dfd is not None:
+                os.close(dfd)
+        self._direct_fds = {}
 
     def _stream_hash(self, name: str, start: int, data) -> None:
         """Digest a tensor's bytes as they are written, when they arrive front to back (whole tensors, and expert
@@ -263,6 +317,7 @@ class ArtifactWriter:
         streamed = self._streamed.pop(name, None) if written else None
         if streamed is not None and streamed[1] == spec.nbytes:
             return streamed[0].hexdigest()
+        self._flush_stream()
         h = _region_hash()
         for pos in range(0, spec.nbytes, HASH_CHUNK):
             h.update(os.pread(fd, min(HASH_CHUNK, spec.nbytes - pos), offset + pos))
@@ -292,6 +347,10 @@ class ArtifactWriter:
         if self._ledger is None:
             return
         try:
+            self._flush_stream()  # a unit recorded as finished has all its bytes in the file
+        except OSError as e:
+            raise self._write_failed(e, self.tmp) from e
+        try:
             digests = {n: self._region_digest(n, written=True) for n in outputs}
             self._ledger.record(unit, key, digests)
         except OSError as e:
@@ -308,6 +367,8 @@ class ArtifactWriter:
 
     # -- the rest of the folder ---------------------------------------------------------------------------
     def _close_shards(self) -> None:
+        self._flush_stream(close=True)
+        self._close_direct_fds()
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
