@@ -2,17 +2,28 @@
 
 Per run (all in the same process, so the figures share the machine's state; 2 shared cores are noisy: the load
 average is recorded with every stage):
-  1. cold read: every source shard's page cache dropped (`posix_fadvise(DONTNEED)`: no root needed), then
-     `cat shard > /dev/null`; the disk's speed for these files.
-  2. end to end, per scheme: page cache dropped again, `stepq quantize MODEL --scheme S` as a subprocess: wall
-     time, Mparam/s (source parameters / wall), peak RssAnon and RSS of the whole process tree (polled from /proc
-     every 20 ms), stepq.json's plan/convert timings; the artifact is deleted afterwards.
+  1. two reads of the source, `cat shard > /dev/null` after the guest's page cache of the shards is dropped
+     (`posix_fadvise(DONTNEED)`: no root needed, checked with `fincore`):
+     - cold read: the first read of the run, the VM host's cache in whatever state earlier work left it (a
+       conversion's output writes evict part of it). The host's cache cannot be dropped from inside the VM, so
+       this is the coldest read available here, not a guaranteed disk read.
+     - fast read: the same, right after one read that warmed the host's cache: the source arrives at ~3 GB/s,
+       like a fast NVMe disk.
+  2. end to end, per scheme, in the fast-read conditions (host warmed by one read, guest cache dropped):
+     `stepq quantize MODEL --scheme S` as a subprocess: wall time, wall / each read, Mparam/s (source parameters /
+     wall), peak RssAnon and RSS of the whole process tree (polled from /proc every 20 ms), stepq.json's
+     plan/convert timings; the artifact is deleted afterwards. `--one-core S,..` runs those schemes again under
+     `taskset -c 0` (the kernels then run one thread) for the 1-core vs 2-core scaling. `nvfp4` (W4A4) gets a
+     statistics file synthesized once through `calib.stats.save_stats` (random input absmax per module and per
+     expert, 64 tokens each: the conversion reads only those; computing real ones is `stepq calibrate`'s job).
+     `--code DIR` runs `stepq` from another checkout (e.g. a worktree of an older commit: the "before" figures).
   3. kernels vs compressed-tensors, on the same matrices from the checkpoint (an expert's gate/up/down and the dense
      gate_proj): our fast path (global scale + group scales + quantize + pack) against CT 0.19.0's own observer
      math (`generate_gparam`, `calculate_qparams`) + compressor (`NVFP4PackedCompressor.compress`, FP8_BLOCK
      `NaiveQuantizationCompressor.compress`), best of N wall times, and whether the bytes are identical.
 
 Usage: .venv/bin/python bench/convert_real.py [--size quick|full] [--moe-layers N] [--schemes nvfp4a16,fp8-block]
+       [--one-core nvfp4a16] [--code DIR] [--skip e2e,kernels] [--tag NAME]
 quick: 1 MoE layer of 32 experts, vocab 32768 (~3 GB, minutes). full: 1 MoE layer of 288 experts, real vocab (~13 GB).
 Writes bench/results/convert_real_<size>.json and prints a summary table.
 """
@@ -46,7 +57,8 @@ from quant import fast_common  # noqa: E402
 
 SIZES = {"quick": {"moe_layers": 1, "experts": 32, "vocab": 32768},
          "full": {"moe_layers": 1, "experts": 288, "vocab": 128896}}
-SCHEMES = ["nvfp4a16", "fp8-block"]
+SCHEMES = ["nvfp4a16", "fp8-block", "fp8-dynamic", "nvfp4"]
+NEEDS_STATS = {"nvfp4"}
 
 
 # ------------------------------------------------------------------------------------------------ /proc helpers
@@ -76,10 +88,10 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], cwd: Path = ROOT) -> dict:
     """Run `cmd` (its progress bar on our stderr); sample RssAnon and VmRSS summed over its process tree every 20 ms."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd)
     peak = {"RssAnon": 0, "VmRSS": 0}
 
     def sample():
@@ -127,12 +139,18 @@ def load() -> float:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def cold_read(shards: list[Path]) -> dict:
+def warm_host_cache(shards: list[Path]) -> None:
+    """One untimed read, so the VM host's cache holds the files (then the guest's copy is dropped by the caller)."""
+    for s in shards:
+        subprocess.run(f"cat '{s}' > /dev/null", shell=True, check=True)
+
+
+def timed_read(shards: list[Path], desc: str) -> dict:
     drop_page_cache(shards)
     before = resident_bytes(shards)
     nbytes = sum(s.stat().st_size for s in shards)
     t0 = time.perf_counter()
-    with tqdm(total=nbytes, unit="B", unit_scale=True, desc="cold read (cat)") as bar:
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc=desc) as bar:
         for s in shards:
             subprocess.run(f"cat '{s}' > /dev/null", shell=True, check=True)
             bar.update(s.stat().st_size)
@@ -141,12 +159,45 @@ def cold_read(shards: list[Path]) -> dict:
             "load": load()}
 
 
-def end_to_end(model: Path, scheme: str, shards: list[Path], params: int, work: Path) -> dict:
+def synthetic_stats(model: Path, path: Path) -> Path:
+    """A statistics file for W4A4 on `model`: every quantizable linear's (and expert's) input absmax drawn in 1-10,
+    64 tokens each, the source fingerprint `stepq quantize --stats` checks."""
+    from calib.stats import FORMAT_VERSION, model_fingerprint, save_stats
+    from quant.roles import EXPERT_ROLES, LINEAR_ROLES
+
+    g = torch.Generator().manual_seed(0)
+    ckpt = open_checkpoint(model)
+    tensors = {}
+    try:
+        for t in ckpt.tensors.values():
+            if t.info.role not in LINEAR_ROLES:
+                continue
+            lead = (t.entry.shape[0],) if t.info.role in EXPERT_ROLES else ()
+            cols = t.entry.shape[-1]
+            chan = 1 + 9 * torch.rand(*lead, cols, generator=g)
+            tensors[f"{t.info.module}.input_amax"] = chan.amax(-1)
+            tensors[f"{t.info.module}.input_channel_amax"] = chan
+            tensors[f"{t.info.module}.input_sumsq"] = chan.square() * 64 / 4
+            tensors[f"{t.info.module}.tokens"] = torch.full(lead, 64, dtype=torch.int64)
+    finally:
+        ckpt.close()
+    meta = {"format_version": FORMAT_VERSION, "source": model_fingerprint(model), "experts_without_tokens": {},
+            "synthetic": "bench/convert_real.py: random input absmax, not a calibration"}
+    return save_stats(path, tensors, meta)
+
+
+def end_to_end(model: Path, scheme: str, shards: list[Path], params: int, work: Path, code: Path = ROOT,
+               stats: Path | None = None, one_core: bool = False) -> dict:
     out_root = work / f"e2e-{scheme}"
+    warm_host_cache(shards)
     drop_page_cache(shards)
-    res = {"load_before": load()}
-    m = run_measured([sys.executable, "-m", "stepq.cli", "quantize", str(model), "--scheme", scheme,
-                      "--out", str(out_root)])
+    res = {"load_before": load(), "cores": 1 if one_core else os.cpu_count()}
+    cmd = [sys.executable, "-m", "stepq.cli", "quantize", str(model), "--scheme", scheme, "--out", str(out_root)]
+    if stats is not None:
+        cmd += ["--stats", str(stats)]
+    if one_core:
+        cmd = ["taskset", "-c", "0", *cmd]
+    m = run_measured(cmd, cwd=code)
     art = Path(m.pop("path"))
     prov = json.loads((art / "stepq.json").read_text())
     res.update(m)
@@ -257,16 +308,23 @@ def kernels_vs_ct(model: Path, repeat: int) -> dict:
 
 
 def summary(r: dict) -> str:
-    cr = r["cold_read"]
+    cr, fr = r["cold_read"], r["fast_read"]
     lines = [f"checkpoint {r['checkpoint']['path']}: {r['checkpoint']['bytes'] / 1e9:.2f} GB, "
              f"{r['checkpoint']['params'] / 1e9:.2f} B params; {r['machine']['cores']} cores, "
-             f"load {r['machine']['load_start']} at start (shared machine: figures are noisy)",
-             f"cold read (cat, page cache dropped): {cr['seconds']:.1f} s = {cr['mb_per_s']:.0f} MB/s",
+             f"load {r['machine']['load_start']} at start (shared machine: figures are noisy); code {r['code']}",
+             f"cold read (cat, guest cache dropped, host cache as left): {cr['seconds']:.1f} s = "
+             f"{cr['mb_per_s']:.0f} MB/s",
+             f"fast read (cat, guest cache dropped after a read warmed the host's): {fr['seconds']:.1f} s = "
+             f"{fr['mb_per_s']:.0f} MB/s",
              "",
-             f"{'end to end (stepq quantize)':<30} {'wall s':>7} {'Mparam/s':>9} {'wall/read':>9} {'convert s':>9} "
-             f"{'RssAnon MiB':>11} {'RSS MiB':>8} {'load':>5}"]
+             f"{'end to end (stepq quantize)':<30} {'wall s':>7} {'/fast':>6} {'/cold':>6} {'Mparam/s':>9} "
+             f"{'convert s':>9} {'RssAnon MiB':>11} {'RSS MiB':>8} {'load':>5}"]
     for s, e in r["end_to_end"].items():
-        lines.append(f"{s:<30} {e['wall_s']:>7.1f} {e['mparam_per_s']:>9.0f} {e['wall_s'] / cr['seconds']:>9.2f} "
+        if "error" in e:
+            lines.append(f"{s:<30} failed: {e['error']}")
+            continue
+        lines.append(f"{s:<30} {e['wall_s']:>7.1f} {e['wall_s'] / fr['seconds']:>6.2f} "
+                     f"{e['wall_s'] / cr['seconds']:>6.2f} {e['mparam_per_s']:>9.0f} "
                      f"{e['stepq_timings']['convert_s']:>9.1f} {e['peak_rss_anon_mib']:>11.0f} "
                      f"{e['peak_rss_mib']:>8.0f} {e['load_after']:>5}")
     lines += ["", f"{'kernel vs compressed-tensors':<28} {'ours Mparam/s':>13} {'CT Mparam/s':>11} {'speedup':>8} "
@@ -291,12 +349,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "stepq" / "bench" / "work",
                     help="scratch folder for artifacts (deleted after each stage); same disk as the source")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: e2e,kernels")
+    ap.add_argument("--one-core", default="", help="schemes to run again on one core (taskset -c 0)")
+    ap.add_argument("--code", type=Path, default=ROOT, help="the stepq checkout to run (default: this one)")
+    ap.add_argument("--tag", default="", help="suffix of the results file (e.g. before)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     size = dict(SIZES[a.size])
     if a.moe_layers:
         size["moe_layers"] = a.moe_layers
-    r = {"size": a.size, "machine": {"cores": fast_common.threads(), "cpu": platform.processor() or platform.machine(),
+    r = {"size": a.size, "code": _describe(a.code), "machine": {"cores": fast_common.threads(), "cpu": platform.processor() or platform.machine(),
                                      "load_start": load(), "torch": torch.__version__,
                                      "numba": getattr(fast_common.numba, "__version__", None)}}
     t0 = time.perf_counter()
@@ -311,14 +372,23 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=a.work))
     try:
-        print(f"cold read of {len(shards)} shard(s) ...", flush=True)
-        r["cold_read"] = cold_read(shards)
+        print(f"cold and fast read of {len(shards)} shard(s) ...", flush=True)
+        r["cold_read"] = timed_read(shards, "cold read (cat)")
+        warm_host_cache(shards)
+        r["fast_read"] = timed_read(shards, "fast read (cat)")
         schemes = a.schemes.split(",")
         r["end_to_end"] = {}
         if "e2e" not in skip:
-            for s in schemes:
-                print(f"end to end: stepq quantize --scheme {s} ...", flush=True)
-                r["end_to_end"][s] = end_to_end(model, s, shards, params, work)
+            stats = synthetic_stats(model, work / "stats.safetensors") if NEEDS_STATS & set(schemes) else None
+            runs = [(s, False) for s in schemes] + [(s, True) for s in filter(None, a.one_core.split(","))]
+            for s, one in runs:
+                label = f"{s} @1 core" if one else s
+                print(f"end to end: stepq quantize --scheme {label} ...", flush=True)
+                try:
+                    r["end_to_end"][label] = end_to_end(model, s, shards, params, work, a.code,
+                                                        stats if s in NEEDS_STATS else None, one)
+                except SystemExit as e:  # one scheme failing (e.g. missing from older code) keeps the others
+                    r["end_to_end"][label] = {"error": str(e)}
         r["kernels"] = {}
         if "kernels" not in skip:
             print("kernels vs compressed-tensors ...", flush=True)
@@ -326,12 +396,19 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     r["machine"]["load_end"] = load()
-    suffix = f"_{size['moe_layers']}moe" if a.moe_layers else ""
+    suffix = (f"_{size['moe_layers']}moe" if a.moe_layers else "") + (f"_{a.tag}" if a.tag else "")
     out = ROOT / "bench" / "results" / f"convert_real_{a.size}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
     print(summary(r))
     print(f"wrote {out}")
+
+
+def _describe(code: Path) -> str:
+    """The checkout's commit (and whether its tree has changes), for the results file."""
+    r = subprocess.run(["git", "-C", str(code), "describe", "--always", "--dirty"], capture_output=True, text=True,
+                       check=False)
+    return f"{code} @ {r.stdout.strip() or 'unknown'}"
 
 
 def _numel(shape) -> int:
