@@ -1,6 +1,7 @@
-"""K/IQ GGUF in one streaming pass: the checkpoint's tensors quantized in-process by ggml's own quantizer
-(`convert.ggml_quants`) and written straight into the planned file(s) -- the bytes `llama-quantize` writes from a
-BF16 GGUF (and `llama-gguf-split` when split), without that intermediate file or a second pass over the model.
+"""GGUF in one streaming pass: the file(s) planned up front (header, tensor table, offsets), then each tensor
+converted piece by piece and written straight into its place. K/IQ types are quantized in-process by ggml's own
+quantizer (`convert.ggml_quants`): the bytes `llama-quantize` writes from a BF16 GGUF (and `llama-gguf-split` when
+split), without that intermediate file or a second pass over the model.
 
 What `llama-quantize` (llama.cpp 0c1e57098, `src/llama-quant.cpp`) does, and therefore this module:
 - tensors in its loader's order (`weight_name_comparer`: by block number, non-block tensors first, then by name);
@@ -60,7 +61,8 @@ K = gguf.Keys
 
 @dataclass(frozen=True)
 class QuantTensor:
-    """A GGUF tensor of a K/IQ export: `p` as the BF16 intermediate would hold it (`p.qtype`), `qtype` as written."""
+    """A GGUF tensor of an export: `p` as planned from the checkpoint (for a K/IQ type, as the BF16 intermediate
+    would hold it, `p.qtype`), `qtype` as written."""
 
     p: PlannedTensor
     qtype: QT
@@ -225,13 +227,15 @@ def gguf_header(kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor]) -> 
     return bytes(out)
 
 
-def split_groups(tensors: list[QuantTensor], max_bytes: int) -> list[list[QuantTensor]]:
-    """llama-gguf-split's size mode: tensors in order, a new file when the padded data would exceed `max_bytes`."""
+def split_groups(tensors: list[QuantTensor], max_bytes: int, padded: bool) -> list[list[QuantTensor]]:
+    """Tensors in order into files of at most `max_bytes` of data: a new file when the next tensor would go over.
+    `padded`: llama-gguf-split counts aligned sizes and refuses a tensor larger than a file; gguf-py counts
+    unpadded sizes and puts such a tensor in a file of its own."""
     groups: list[list[QuantTensor]] = [[]]
     used = 0
     for t in tensors:
-        size = _pad(t.nbytes)
-        if used + size > max_bytes:
+        size = _pad(t.nbytes) if padded else t.nbytes
+        if used + size > max_bytes and (groups[-1] or padded):
             if not groups[-1]:
                 raise BadInput(f"tensor {t.p.name}: {size} bytes, more than the split size {max_bytes}")
             groups.append([])
@@ -242,42 +246,38 @@ def split_groups(tensors: list[QuantTensor], max_bytes: int) -> list[list[QuantT
 
 
 def plan_quantized_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor], split_bytes: int
-               ) -> list[PlannedFile]:
-    """The output file(s): `<stem>.gguf`, or llama-gguf-split's shards when the file would exceed `split_bytes`."""
+                         ) -> list[PlannedFile]:
+    """The output file(s): `<stem>.gguf`, or llama-gguf-split's shards when the file would exceed `split_bytes`
+    (`split.count` re-set last, so it comes after `split.tensors.count`)."""
     whole = _layout(f"{stem}.gguf", kv, tensors)
     if whole.size <= split_bytes:
         return [whole]
-    groups = split_groups(tensors, max(1, split_bytes // 1000**2) * 1000**2)  # whole MB: the tool's unit
-    files = []
-    for i, group in enumerate(groups):
-        split_kv = [(K.Split.LLM_KV_SPLIT_NO, GGUFValue(i, gguf.GGUFValueType.UINT16)),
-                    (K.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValue(len(tensors), gguf.GGUFValueType.INT32)),
-                    (K.Split.LLM_KV_SPLIT_COUNT, GGUFValue(len(groups), gguf.GGUFValueType.UINT16))]
-        files.append(_layout(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.gguf", (kv if i == 0 else []) + split_kv,
-                             group))
-    return files
+    groups = split_groups(tensors, max(1, split_bytes // 1000**2) * 1000**2, padded=True)  # whole MB: its unit
+    return _split_files(stem, kv, groups, (K.Split.LLM_KV_SPLIT_NO, K.Split.LLM_KV_SPLIT_TENSORS_COUNT,
+                                           K.Split.LLM_KV_SPLIT_COUNT))
 
 
 def plan_converter_files(stem: str, kv: list[tuple[str, GGUFValue]], tensors: list[QuantTensor], split_bytes: int
                          ) -> list[PlannedFile]:
-    """The file(s) llama.cpp's converter (gguf-py's writer, `--split-max-size`) writes: a new file when the next
-    tensor's data would take the current one over `split_bytes` (unpadded sizes); metadata in the first file,
-    `split.no`, `split.count`, `split.tensors.count` appended to each."""
-    groups: list[list[QuantTensor]] = [[]]
-    used = 0
-    for t in tensors:
-        if groups[-1] and split_bytes and used + t.nbytes > split_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(t)
-        used += t.nbytes
+    """The file(s) llama.cpp's converter (gguf-py's writer, `--split-max-size`) writes for a data size over
+    `split_bytes` (0: never split)."""
+    groups = split_groups(tensors, split_bytes, padded=False) if split_bytes else [tensors]
     if len(groups) == 1:
         return [_layout(f"{stem}.gguf", kv, tensors)]
+    return _split_files(stem, kv, groups, (K.Split.LLM_KV_SPLIT_NO, K.Split.LLM_KV_SPLIT_COUNT,
+                                           K.Split.LLM_KV_SPLIT_TENSORS_COUNT))
+
+
+def _split_files(stem: str, kv: list[tuple[str, GGUFValue]], groups: list[list[QuantTensor]], key_order: tuple
+                 ) -> list[PlannedFile]:
+    """`<stem>-0000i-of-0000N.gguf`: all metadata in the first file, the three split keys in each, in the order
+    the tool writes them."""
+    values = {K.Split.LLM_KV_SPLIT_COUNT: GGUFValue(len(groups), gguf.GGUFValueType.UINT16),
+              K.Split.LLM_KV_SPLIT_TENSORS_COUNT: GGUFValue(sum(map(len, groups)), gguf.GGUFValueType.INT32)}
     files = []
     for i, group in enumerate(groups):
-        split_kv = [(K.Split.LLM_KV_SPLIT_NO, GGUFValue(i, gguf.GGUFValueType.UINT16)),
-                    (K.Split.LLM_KV_SPLIT_COUNT, GGUFValue(len(groups), gguf.GGUFValueType.UINT16)),
-                    (K.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValue(len(tensors), gguf.GGUFValueType.INT32))]
+        split_kv = [(k, GGUFValue(i, gguf.GGUFValueType.UINT16) if k == K.Split.LLM_KV_SPLIT_NO else values[k])
+                    for k in key_order]
         files.append(_layout(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.gguf", (kv if i == 0 else []) + split_kv,
                              group))
     return files
