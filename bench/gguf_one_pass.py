@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from convert_real import drop_page_cache, timed_read
 from gguf_convert import measured, with_tokenizer
 
 from convert import ggml_quants
@@ -50,26 +51,6 @@ from convert.gguf_tools import reference_converter_cmd, tool
 
 DEFAULT_MODEL = Path.home() / ".cache" / "stepq" / "bench" / "real-1moe"
 CALIB_TEXT = ROOT / "fixtures" / "tiny-step35-data" / "calib.txt"
-
-
-def drop_page_cache(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def timed_read(shards: list[Path]) -> dict:
-    drop_page_cache(shards)
-    t0 = time.perf_counter()
-    for s in shards:
-        subprocess.run(["cat", str(s)], stdout=subprocess.DEVNULL, check=True)
-    seconds = time.perf_counter() - t0
-    nbytes = sum(s.stat().st_size for s in shards)
-    return {"seconds": round(seconds, 2), "mb_per_s": round(nbytes / seconds / 1e6)}
 
 
 def disk_used(folder: Path) -> int:
@@ -212,7 +193,7 @@ def main() -> None:
         model = with_tokenizer(Path(a.model), work)
         shards = sorted(model.glob("*.safetensors"))
         res["model"], res["source_bytes"] = str(a.model), sum(s.stat().st_size for s in shards)
-        res["read_cold"], res["read_fast"] = timed_read(shards), timed_read(shards)
+        res["read_cold"], res["read_fast"] = timed_read(shards, "cold read"), timed_read(shards, "fast read")
         print(f"reads: cold {res['read_cold']}, fast {res['read_fast']}", flush=True)
         stats = calibrate(model, work) if split(a.imatrix_types) else None
         runs = [(q, None) for q in split(a.types)] + [(q, stats) for q in split(a.imatrix_types)]
