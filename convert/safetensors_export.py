@@ -83,7 +83,7 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> list[Unit]:
     units: list[Unit] = []
     groups: dict[tuple, Unit] = {}
     for t in ckpt:
-        d = recipe.decide(t.info.role, t.info.mtp)
+        d = recipe.decide(t.info.role, t.info.mtp, t.info.layer)
         if not d.quantize:
             units.append(Unit([t], False, d.reason))
             continue

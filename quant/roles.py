@@ -55,6 +55,11 @@ FUSED_GROUPS: tuple[tuple[Role, ...], ...] = (
     (Role.EXPERTS_GATE, Role.EXPERTS_UP),
 )
 
+# Roles an engine runs in one module, which takes one quantization scheme: the fused groups, and a layer's routed
+# experts (vLLM's FusedMoE holds gate, up and down and refuses mixed schemes; its ignore rules name the whole module).
+# Recipes keep or quantize each group whole.
+SCHEME_GROUPS: tuple[tuple[Role, ...], ...] = FUSED_GROUPS + ((Role.EXPERTS_GATE, Role.EXPERTS_UP, Role.EXPERTS_DOWN),)
+
 
 def fused_group(role: str) -> tuple[str, ...]:
     """The roles fused with `role` (itself alone when it is not fused), in the engines' order."""

@@ -34,6 +34,8 @@ from convert.safetensors_export import (
 from convert.writer import ArtifactWriter, OutSpec
 from quant.layouts import NEEDS_ACTIVATION_STATS, layout_for
 
+RECIPE_COPY = "recipe.yaml"  # a --recipe file, copied into the artifact
+
 
 def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str | None = None, force: bool = False,
              max_shard_bytes: int | None = None, source_id: str | None = None, revision: str | None = None,
@@ -51,6 +53,10 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
     ckpt = open_checkpoint(model)
     try:
         recipe = load_recipe(scheme, recipe_file)
+        try:  # per-layer keep rules (quant/recipe.py) name layers of this model
+            recipe.check_layers(ckpt.config.num_layers)
+        except ValueError as e:
+            raise BadInput(str(e))
         try:
             layout = layout_for(recipe.scheme, method)
         except ValueError as e:
@@ -87,6 +93,9 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             if stats is not None:
                 prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
                                        "activation_fallbacks": activation_fallbacks(units, stats)}
+            if recipe_file:  # the recipe file itself beside the provenance (`stepq sensitivity` writes such files)
+                writer.copy_file(Path(recipe_file), RECIPE_COPY)
+                prov["recipe"]["file"] = RECIPE_COPY
             writer.write_json("stepq.json", prov)
     finally:
         ckpt.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from convert.config import Step35Config
 from convert.errors import BadInput
-from quant.roles import Role
+from quant.roles import EXPERT_ROLES, Role
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ LAYER_TENSORS = {
     "mlp.down_proj.weight": Names(Role.MLP_DOWN, "dense"),
     "moe.gate.weight": Names(Role.ROUTER, "moe", "mlp.gate.weight"),
     "moe.router_bias": Names(Role.ROUTER_BIAS, "moe", "mlp.gate.e_score_correction_bias"),
-    # vLLM runs the expert stacks as one FusedMoE `moe.experts`; ignore lists have always named the stacks (no
-    # bundled recipe keeps them), so the runtime name is left out here rather than changing those lists.
+    # vLLM runs a layer's expert stacks as one FusedMoE `moe.experts`: its names are in `vllm_names`, not here.
     "moe.gate_proj.weight": Names(Role.EXPERTS_GATE, "moe", "mlp.experts.gate_up_proj"),
     "moe.up_proj.weight": Names(Role.EXPERTS_UP, "moe", "mlp.experts.gate_up_proj"),
     "moe.down_proj.weight": Names(Role.EXPERTS_DOWN, "moe", "mlp.experts.down_proj"),
@@ -166,12 +165,20 @@ def checkpoint_names(transformers: str, num_trunk_layers: int) -> list[str]:
 def vllm_names(info: TensorInfo) -> list[str]:
     """The module names vLLM may give a checkpoint module at run time, as its ignore lists must name them: its own,
     the fused module it is loaded into, and inside the MTP drafter both again under `mtp_block.` (block tensors) or
-    the drafter's rename (own tensors). The last one is the module vLLM runs it in."""
+    the drafter's rename (own tensors). The last one is the module vLLM runs it in.
+
+    A routed-expert stack runs in the layer's FusedMoE `moe.experts`, which takes one scheme for gate, up and down:
+    the `fp8` and ModelOpt configs skip it by that name, compressed-tensors by its per-expert linears
+    (`moe.experts.<e>.<proj>`, vLLM checks expert 0's), which one `re:` pattern per stack covers (inert in the
+    exact-match `fp8` list)."""
     if info.layer is None:
         return [info.module]
     layer, suffix = _split(info.name)
     row = LAYER_TENSORS[suffix]
     head, own = f"model.layers.{layer}", suffix.removesuffix(".weight")
+    if info.role in EXPERT_ROLES:
+        proj = own.rsplit(".", 1)[1]
+        return [info.module, rf"re:^{re.escape(head)}\.moe\.experts\.\d+\.{proj}$", f"{head}.moe.experts"]
     names = [info.module, f"{head}.{row.vllm or own}"]
     if info.mtp and row.layers != "mtp":
         names += [f"{head}.{MTP_BLOCK}.{own}", f"{head}.{MTP_BLOCK}.{row.vllm or own}"]
