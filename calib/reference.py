@@ -107,11 +107,20 @@ class ReferenceModel(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
     def trunk(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Hidden state after the last trunk layer, before `model.norm`."""
-        x = self.model.embed_tokens(input_ids)
-        t = input_ids.shape[1]
+        return self.trunk_from(self.model.embed_tokens(input_ids), 0)
+
+    def trunk_from(self, x: torch.Tensor, start: int, replace: dict[int, nn.Module] | None = None,
+                   layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden state after the last trunk layer, from `x` [B,T,H] entering layer `start`. `replace` runs other
+        modules in place of some layers (eval.sensitivity: one layer with quantized weights); `layer_inputs`
+        collects each layer's input."""
+        t = x.shape[1]
         masks = self._masks(t, x.device)
         pos, rope = self._rope(x, t)
-        for layer, lt in zip(self.model.layers, self.config.layer_types):
+        for i in range(start, len(self.model.layers)):
+            if layer_inputs is not None:
+                layer_inputs.append(x)
+            layer, lt = (replace or {}).get(i, self.model.layers[i]), self.config.layer_types[i]
             x = layer(x, attention_mask=masks[lt], position_embeddings=rope[lt], position_ids=pos)
         return x
 

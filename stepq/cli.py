@@ -200,6 +200,36 @@ def _add_compute_args(g) -> None:
                         "are fp32) or float32 (for comparisons)")
 
 
+# ---- stepq sensitivity ------------------------------------------------------------------------------------------
+def _cmd_sensitivity(args) -> int:
+    from convert.hub import resolve_model
+    from stepq.sensitivity import sensitivity, summary
+
+    folder = resolve_model(args.model, args.revision)
+    report = sensitivity(folder, args.scheme, args.out, budget_gb=args.budget_gb, budget_bpw=args.budget_bpw,
+                         force=args.force, **_calibration_settings(args))
+    print(summary(report))
+    return 0
+
+
+def _add_sensitivity_parser(sub) -> None:
+    s = sub.add_parser("sensitivity", help="KLD cost of quantizing each (layer, role group) alone -> "
+                                           "OUT/<model>-sensitivity/{sensitivity.json, heatmap.png}; with a budget, "
+                                           "recipe.yaml keeping the most sensitive ones BF16")
+    s.add_argument("model")
+    s.add_argument("--scheme", default="nvfp4", help="a bundled safetensors recipe (default nvfp4: W4A4, measured "
+                                                     "with the engine's activation quantization)")
+    s.add_argument("--out", default="out", help="writes OUT/<model>-sensitivity/ (statistics: OUT/<model>-calib/)")
+    s.add_argument("--revision")
+    s.add_argument("--budget-gb", type=float,
+                   help="write recipe.yaml: artifact weights within this many GB (decimal), most KLD per byte first")
+    s.add_argument("--budget-bpw", type=float,
+                   help="write recipe.yaml: at most this many bits per weight over the quantizable linears")
+    s.add_argument("--force", action="store_true", help="measure again even when sensitivity.json matches")
+    _add_calibration_args(s)
+    s.set_defaults(run=_cmd_sensitivity)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepq", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -295,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="start over instead of resuming an interrupted eval")
     _add_compute_args(s)
     s.set_defaults(run=_cmd_eval)
+
+    _add_sensitivity_parser(sub)
     return p
 
 
