@@ -213,9 +213,11 @@ def _write_recipe(path: Path, base: Recipe, cands, sizes: Sizes, spare: int, bud
             options.append(o)
     chosen = choose(options, spare)
     budget = f"{budget_gb} GB of weights" if budget_gb is not None else f"{budget_bpw} bits per weight"
+    data = str(dataset.get("id", "the calibration set"))
+    data = Path(data).name if Path(data).exists() else data  # a recipe travels with the artifact: no local paths
     recipe = {"name": f"{base.name}-sensitivity",
               "description": f"{base.description} Kept BF16 by measured sensitivity (stepq sensitivity, "
-                            f"{base.scheme} alone per layer and role group on {dataset.get('id', 'the calibration set')}) "
+                            f"{base.scheme} alone per layer and role group on {data}) "
                             f"within {budget}.",
               "scheme": base.scheme, "quantize": sorted(base.quantize), "mtp": base.mtp, "keep": keep_rules(chosen)}
     Recipe.from_dict(recipe, str(path)).check_layers(num_layers)  # a recipe `stepq quantize` accepts
