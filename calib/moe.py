@@ -62,6 +62,22 @@ class HookSet:
         self._moe.clear()
 
 
+class ExpertInputQuant:
+    """`ExpertHook`: each routed expert's gate/up and down inputs quantized as the engine does; `fqs[e]` = (gate/up
+    input quantizer, down input quantizer), either None."""
+
+    def __init__(self, fqs):
+        self.fqs = fqs
+
+    def expert_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        fq = self.fqs[e][0]
+        return fq(x) if fq else x
+
+    def down_input(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        fq = self.fqs[e][1]
+        return fq(h) if fq else h
+
+
 class Router(nn.Linear):
     """The router as an nn.Linear (so observers record its input like any linear's), weight and bias in fp32;
     forward -> (top_k_index [N, k] int64, top_k_weights [N, k] fp32, not yet scaled)."""

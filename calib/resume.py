@@ -131,7 +131,11 @@ class LayerCheckpoints:
         if not self._chain:
             return None
         for n in self._chain:
-            self._collector.restore_state(load_file(self.dir / f"{_stats(n)}.safetensors"))
+            path = self.dir / f"{_stats(n)}.safetensors"
+            if hasattr(self._collector, "restore_file"):  # a collector that reads its finished layers in place
+                self._collector.restore_file(path)
+            else:
+                self._collector.restore_state(load_file(path))
         last = self._chain[-1]
         shape, dtype = self._activations(last)
         output = Activations(shape, dtype, spill_bytes, file=self.dir / f"{_act(last)}.bin", create=False)

@@ -51,6 +51,26 @@ class Observer(Protocol):
     def head_input(self, module: str, x: torch.Tensor) -> None: ...
 
 
+class LayerDriver(Protocol):
+    """An observer that runs each layer itself (calib.gptq: passes that collect Hessians, then quantizes the layer
+    and runs it once more): `run_layer` calls `run(note)` as often as it needs; each call runs every micro-batch
+    through `module` as it is then and writes the layer's output, so the last call's output is the next layer's
+    input."""
+
+    def run_layer(self, module: nn.Module, prefix: str, layer: int, run) -> None: ...
+
+
+def _run_observed(observer, module: nn.Module, prefix: str, layer: int, run) -> None:
+    if observer is None:
+        run("")
+    elif hasattr(observer, "run_layer"):
+        observer.run_layer(module, prefix, layer, run)
+    else:
+        observer.attach(module, prefix, layer)
+        run("")
+        observer.detach(layer)
+
+
 class Checkpoints(Protocol):
     """Per-layer checkpoints (calib.resume.LayerCheckpoints). Layers are numbered as in the checkpoint: trunk, then
     MTP. A layer's checkpoint covers what the observer recorded since the previous one: the lm_head inputs go with
@@ -291,17 +311,17 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
             layer, prefix = pipeline.get(i)
             res.timings[f"layer_{i}_wait_s"] = time.time() - t0
             lt = trunk_config.layer_types[i]
-            if observer:
-                observer.attach(layer, prefix, i)
             y = new(seq_len, i)
-            with _Progress(n_seq * seq_len, f"layer {i + 1}/{cfg.num_layers}", progress) as bar:
-                for b in range(0, n_seq, bsz):
-                    y[rows(b)] = layer(x[rows(b)].to(dev, non_blocking=True), attention_mask=mask[lt],
-                                       position_embeddings=rope[lt], position_ids=pos)
-                    bar.update((rows(b).stop - b) * seq_len)
-            if observer:
-                observer.detach(i)
-            del layer
+
+            def run(note: str, i=i, lt=lt, layer=layer, y=y) -> None:
+                with _Progress(n_seq * seq_len, f"layer {i + 1}/{cfg.num_layers}{note}", progress) as bar:
+                    for b in range(0, n_seq, bsz):
+                        y[rows(b)] = layer(x[rows(b)].to(dev, non_blocking=True), attention_mask=mask[lt],
+                                           position_embeddings=rope[lt], position_ids=pos)
+                        bar.update((rows(b).stop - b) * seq_len)
+
+            _run_observed(observer, layer, prefix, i, run)
+            del layer, run
             x = finish(i, x, y)
             res.timings[f"layer_{i}_s"] = time.time() - t0
 
@@ -336,28 +356,28 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
             t0 = time.time()
             layer, prefix = pipeline.get(i)
             res.timings[f"layer_{i}_wait_s"] = time.time() - t0
-            if observer:
-                observer.attach(layer, prefix, i)
             t = seq_len - k
             y = new(t, i)
-            with _Progress(n_seq * t, f"layer {i + 1}/{cfg.num_layers} (MTP {k})", progress) as bar:
-                for b in range(0, n_seq, bsz):
-                    e = F.embedding(ids[rows(b), k:], embed).to(dtype).to(dev, non_blocking=True)
-                    out = layer(e, x[rows(b), :t].to(dev, non_blocking=True), swa[..., :t, :t],
-                                (rope_swa[0][:, :t], rope_swa[1][:, :t]), pos[:, :t])
-                    y[rows(b)] = out
-                    head = layer.transformer.shared_head
-                    if observer or heads is not None:
-                        h = head.norm(out)
-                        if observer:
-                            observer.head_input(f"{prefix}transformer.shared_head.output", h)
-                        if heads is not None:
-                            _heads(h, head.output.weight, compute, b,
-                                   lambda row, start, logits, k=k: heads.mtp(k, row, start, logits))
-                    bar.update((rows(b).stop - b) * t)
-            if observer:
-                observer.detach(i)
-            del layer
+
+            def run(note: str, i=i, k=k, t=t, layer=layer, prefix=prefix, y=y) -> None:
+                with _Progress(n_seq * t, f"layer {i + 1}/{cfg.num_layers} (MTP {k}){note}", progress) as bar:
+                    for b in range(0, n_seq, bsz):
+                        e = F.embedding(ids[rows(b), k:], embed).to(dtype).to(dev, non_blocking=True)
+                        out = layer(e, x[rows(b), :t].to(dev, non_blocking=True), swa[..., :t, :t],
+                                    (rope_swa[0][:, :t], rope_swa[1][:, :t]), pos[:, :t])
+                        y[rows(b)] = out
+                        head = layer.transformer.shared_head
+                        if observer or heads is not None:
+                            h = head.norm(out)
+                            if observer:
+                                observer.head_input(f"{prefix}transformer.shared_head.output", h)
+                            if heads is not None:
+                                _heads(h, head.output.weight, compute, b,
+                                       lambda row, start, logits, k=k: heads.mtp(k, row, start, logits))
+                        bar.update((rows(b).stop - b) * t)
+
+            _run_observed(observer, layer, prefix, i, run)
+            del layer, run
             x = finish(i, x, y)
             res.timings[f"layer_{i}_s"] = time.time() - t0
     finally:

@@ -52,6 +52,9 @@ class ArtifactReader:
         except KeyError:
             raise BadInput(f"{self.path}: tensor {name}: missing from the artifact")
 
+    def stored_names(self) -> list[str]:
+        return list(self._where)
+
     def source_names(self) -> list[str]:
         return list(self.decisions)
 

@@ -102,9 +102,17 @@ class SourceReader:
     """Checkpoint reads; with `meta=True` the same reads on the meta device: the dry run that plans every output
     shape without touching data."""
 
-    def __init__(self, ckpt: Checkpoint, meta: bool = False, stats=None, allow_nonfinite: bool = False):
+    def __init__(self, ckpt: Checkpoint, meta: bool = False, stats=None, allow_nonfinite: bool = False, gptq=None):
         self.ckpt, self.meta, self.stats, self.allow_nonfinite = ckpt, meta, stats, allow_nonfinite
+        self.gptq = gptq  # convert.gptq_store.GptqStore: quantized units' tensors come from there, not the source
         self._warned: set[str] = set()
+        self._meta_twin: SourceReader | None = None
+
+    @property
+    def meta_twin(self) -> SourceReader:
+        if self._meta_twin is None:
+            self._meta_twin = SourceReader(self.ckpt, meta=True, stats=self.stats)
+        return self._meta_twin
 
     def read(self, name: str) -> torch.Tensor:
         if self.meta:
@@ -171,7 +179,10 @@ def parts(unit: Unit) -> list[int | None]:
 
 
 def read_part(src, unit: Unit, expert: int | None) -> list[torch.Tensor]:
-    """The I/O half of a piece: the members' source tensors (mmap views; the executor faults their pages in)."""
+    """The I/O half of a piece: the members' source tensors (mmap views; the executor faults their pages in).
+    A unit GPTQ quantized is not read: its tensors are in the GPTQ store."""
+    if unit.quantize and src.gptq is not None:
+        src = src.meta_twin
     if expert is None:
         return [src.read(t.info.name) for t in unit.members]
     return [src.read_expert(t.info.name, expert) for t in unit.members]
@@ -182,6 +193,8 @@ def compute_part(layout, src, unit: Unit, expert: int | None,
     """The CPU half: the Inf/NaN check, then the piece's output tensors (name, tensor, first row or None).
     The check runs here, on pages already read, not in `read_part`: it runs on the kernels' thread pool, whose
     threads would otherwise wait on the disk there while the quantize calls queue behind them."""
+    if unit.quantize and src.gptq is not None:  # the GPTQ pass wrote them: the plan's tensors, from its store
+        return src.gptq.emits(compute_part(layout, src.meta_twin, unit, expert, ws))
     ws = [src.checked(t, w) for t, w in zip(unit.members, ws)]
     if not unit.quantize:
         return [(unit.members[0].info.name, ws[0], None)]  # kept: the source bytes, unchanged
@@ -204,7 +217,7 @@ def _acts(src: SourceReader, unit: Unit, expert: int | None) -> list[torch.Tenso
 
 
 def _importance(src: SourceReader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
-    if layout.method != "search":  # only the scale search weighs errors by channel importance
+    if not layout.searches:  # only the scale search weighs errors by channel importance
         return None
     imp = [src.importance(t, expert) for t in unit.members]
     return None if imp[0] is None else imp
@@ -239,9 +252,9 @@ def activation_fallbacks(units: list[Unit], stats) -> list[dict]:
             for e in range(u.members[0].entry.shape[0]) for t in u.members if stats.tokens(t.info.module, e) == 0]
 
 
-def settings_digest(ckpt: Checkpoint, recipe: Recipe, method: str, layout) -> str:
-    """Everything besides a unit's own tensors that decides its output bytes."""
-    settings = {"recipe": recipe.to_dict(), "scheme": recipe.scheme, "method": method,
+def settings_digest(ckpt: Checkpoint, recipe: Recipe, method: str, layout, gptq_key: str | None = None) -> str:
+    """Everything besides a unit's own tensors that decides its output bytes (with GPTQ: its pass's key)."""
+    settings = {"recipe": recipe.to_dict(), "scheme": recipe.scheme, "method": method, "gptq": gptq_key,
                 "layout": type(layout).__name__, "config_sha256": file_sha256(ckpt.dir / "config.json"),
                 "versions": versions("stepq", "torch")}
     return digest(settings)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 
-from calib.moe import GroupedMoE, HookSet
+from calib.moe import ExpertInputQuant, GroupedMoE, HookSet
 from calib.reference import to_checkpoint_names
 from calib.stream import stream_forward
 from convert.artifact import ArtifactReader
@@ -94,7 +94,7 @@ class InputQuantizer:
                 if not any(a or b for a, b in fqs):
                     continue
                 if isinstance(m, GroupedMoE):  # the streamed forward: the block hands each expert's inputs over
-                    self._hooks.add_expert_hook(m, _ExpertInputQuant(fqs))
+                    self._hooks.add_expert_hook(m, ExpertInputQuant(fqs))
                 else:  # transformers' experts (InMemoryModel): its forward with the inputs quantized
                     m.forward = types.MethodType(_experts_forward(fqs), m)
                 self.hooked.append(stack + "experts")
@@ -104,21 +104,6 @@ class InputQuantizer:
 
     def head_input(self, module: str, x: torch.Tensor) -> None:
         pass  # lm_head stays BF16 in every bundled recipe; the MTP shared_head.output is a hooked nn.Linear
-
-
-class _ExpertInputQuant:
-    """`calib.moe.ExpertHook`: each routed expert's gate/up and down inputs quantized as the engine does."""
-
-    def __init__(self, fqs):
-        self.fqs = fqs
-
-    def expert_input(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        fq = self.fqs[e][0]
-        return fq(x) if fq else x
-
-    def down_input(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        fq = self.fqs[e][1]
-        return fq(h) if fq else h
 
 
 def _experts_forward(fqs):

@@ -76,9 +76,23 @@ def quantize_fp8_block_reference(w: torch.Tensor, block: int = FP8_BLOCK) -> tup
     tiles = padded.reshape(*lead, n_br, block, n_bc, block)
     scale_inv = tiles.abs().amax(dim=(-3, -1)) / FP8_E4M3_MAX
     scale_inv = torch.where(scale_inv == 0, torch.finfo(w.dtype).eps, scale_inv)
+    return _encode_tiles(tiles, scale_inv, rows, cols), scale_inv
+
+
+def _encode_tiles(tiles: torch.Tensor, scale_inv: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    *lead, n_br, block, n_bc, _ = tiles.shape
     q = to_fp8(tiles / scale_inv[..., :, None, :, None] + 0.0)  # + 0.0: signed zeros, see above
-    q = q.reshape(*lead, n_br * block, n_bc * block)[..., :rows, :cols].contiguous()
-    return q, scale_inv
+    return q.reshape(*lead, n_br * block, n_bc * block)[..., :rows, :cols].contiguous()
+
+
+def encode_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """FP8 codes of `w` on given 128x128 block scales (GPTQ's weights, already on that grid), in float32 as
+    `quantize_fp8_block_reference` divides."""
+    _check_weight(w)
+    *lead, rows, cols = w.shape
+    n_br, n_bc = math.ceil(rows / block), math.ceil(cols / block)
+    padded = F.pad(w.to(torch.float32), (0, n_bc * block - cols, 0, n_br * block - rows))
+    return _encode_tiles(padded.reshape(*lead, n_br, block, n_bc, block), scale_inv.to(torch.float32), rows, cols)
 
 
 def dequantize_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
@@ -125,6 +139,13 @@ def quantize_fp8_channel_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch
     scale = w.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX
     scale = torch.where(scale == 0, torch.finfo(w.dtype).eps, scale)
     return to_fp8(w / scale + 0.0), scale  # + 0.0: signed zeros, see above
+
+
+def encode_fp8_channel(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 codes of `w` on given per-row scales (GPTQ's weights, already on that grid); float32 division: the
+    grid values divide back to their codes exactly."""
+    _check_weight(w)
+    return to_fp8(w.to(torch.float32) / scale.to(torch.float32) + 0.0)
 
 
 def dequantize_fp8_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -20,16 +20,18 @@ import torch
 
 from quant import activations
 from quant.fp8 import (
-    dequantize_fp8_block, dequantize_fp8_channel, dequantize_fp8_tensor, fp8_tensor_scale, quantize_fp8_block,
-    quantize_fp8_channel, quantize_fp8_tensor,
+    dequantize_fp8_block, dequantize_fp8_channel, dequantize_fp8_tensor, encode_fp8_block, encode_fp8_channel,
+    fp8_tensor_scale, quantize_fp8_block, quantize_fp8_channel, quantize_fp8_tensor,
 )
-from quant.nvfp4 import dequantize_nvfp4, global_scale, quantize_nvfp4, shared_global_scale
+from quant.gptq import Grid
+from quant.nvfp4 import dequantize_nvfp4, encode_nvfp4, global_scale, quantize_nvfp4, shared_global_scale
 from quant.nvfp4_search import quantize_nvfp4_search
 
 Emit = tuple[str, torch.Tensor, int | None]
 Read = Callable[[str], torch.Tensor]  # output tensor name -> tensor, as stored
 Act = list[torch.Tensor] | None  # calibrated input absmax per module (0-dim), for schemes with static activations
 InputQuant = Callable[[torch.Tensor], torch.Tensor] | None  # what the engine does to a linear's input; None = nothing
+Grids = list[Grid] | None  # GPTQ's fixed grid per member: the weights are on it already, encode them there
 
 _LAYER_MODULE = re.compile(r"^(model\.layers\.\d+)\.(.+)$")
 
@@ -66,21 +68,35 @@ def _mtp_regex(mtp_layers: list[int]) -> list[str]:
     return [r"re:^model\.layers\.(" + "|".join(str(i) for i in sorted(mtp_layers)) + r")\..*"]
 
 
-METHODS = ("rtn", "search")
+METHODS = ("rtn", "search", "gptq", "gptq+search")
+SEARCH_METHODS = ("search", "gptq+search")
 
 
 class _Layout:
-    """`method`: "rtn" (round to nearest, bit-identical to compressed-tensors) or "search" (NVFP4 only: group
-    scales searched against calibration importance, see quant.nvfp4_search)."""
+    """`method`: "rtn" (round to nearest, bit-identical to compressed-tensors), "search" (NVFP4 only: group scales
+    searched against calibration importance, see quant.nvfp4_search), "gptq" (llm-compressor's GPTQ on
+    round-to-nearest's scales, quant.gptq) or "gptq+search" (GPTQ on the searched scales).
+
+    GPTQ runs in calibration (calib.gptq): it asks the layout for each fused group's `grids` (the scales, tied as
+    the format ties them), then hands the GPTQ-rounded weights back to `linear` / `experts` with those grids, which
+    encode them on exactly that grid."""
 
     supports_search = False
     static_activations = False  # the config carries calibrated input scales: the scheme needs statistics
 
     def __init__(self, method: str = "rtn"):
-        if method not in METHODS or (method == "search" and not self.supports_search):
-            raise ValueError(f"--method {method}: not available for {self.scheme} (methods: "
-                             f"{'rtn, search' if self.supports_search else 'rtn'})")
+        methods = METHODS if self.supports_search else tuple(m for m in METHODS if m not in SEARCH_METHODS)
+        if method not in methods:
+            raise ValueError(f"--method {method}: not available for {self.scheme} (methods: {', '.join(methods)})")
         self.method = method
+
+    @property
+    def searches(self) -> bool:
+        return self.method in SEARCH_METHODS
+
+    @property
+    def gptq(self) -> bool:
+        return self.method.startswith("gptq")
 
     def extra_tensors(self, mtp_layers: list[int]) -> Iterator[tuple[str, torch.Tensor, str]]:
         """Tensors an engine needs beyond the quantized source tensors: (name, tensor, why). None by default."""
@@ -102,10 +118,16 @@ class _Layout:
     def expert_input_quant(self, read: Read, stack_module: str, expert: int) -> InputQuant:
         return self.input_quant(read, expert_module(stack_module, expert))
 
-    def _nvfp4(self, weights: list[torch.Tensor], gs: torch.Tensor, importance: Act):
-        if self.method == "search":
+    def _nvfp4(self, weights: list[torch.Tensor], gs: torch.Tensor, importance: Act, grids: Grids = None):
+        if grids:
+            return [(encode_nvfp4(w, gs, g.scale), g.scale) for w, g in zip(weights, grids)]
+        if self.searches:
             return [quantize_nvfp4_search(w, gs, imp) for w, imp in zip(weights, importance or [None] * len(weights))]
         return [quantize_nvfp4(w, gs) for w in weights]
+
+    def _nvfp4_grids(self, weights: list[torch.Tensor], importance: Act) -> list[Grid]:
+        gs = shared_global_scale(*weights)
+        return [Grid("nvfp4", scale, gs) for _, scale in self._nvfp4(weights, gs, importance)]
 
 
 class Fp8BlockLayout(_Layout):
@@ -114,15 +136,23 @@ class Fp8BlockLayout(_Layout):
 
     scheme = "fp8-block"
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        for module, w in zip(modules, weights):
-            q, s = quantize_fp8_block(w)
+    def grids(self, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> list[Grid]:
+        return [Grid("fp8_block", quantize_fp8_block(w)[1]) for w in weights]
+
+    def _quantize(self, weights: list[torch.Tensor], grids: Grids):
+        if grids:
+            return [(encode_fp8_block(w, g.scale), g.scale) for w, g in zip(weights, grids)]
+        return [quantize_fp8_block(w) for w in weights]
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
+        for module, (q, s) in zip(modules, self._quantize(weights, grids)):
             yield f"{module}.weight", q, None
             yield f"{module}.weight_scale_inv", s, None
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        for module, w in zip(modules, weights):
-            q, s = quantize_fp8_block(w)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None,
+                importance: Act = None, grids: Grids = None) -> Iterator[Emit]:
+        for module, (q, s) in zip(modules, self._quantize(weights, grids)):
             yield f"{module}.weight", q.unsqueeze(0), expert
             yield f"{module}.weight_scale_inv", s.unsqueeze(0), expert
 
@@ -147,8 +177,9 @@ class _CompressedTensorsLayout(_Layout):
     """compressed-tensors: per-expert tensors `moe.experts.<e>.<proj>.*` (the layout vLLM's Step-3.5 loader maps
     for compressed-tensors), config groups targeting Linear with an `ignore` list."""
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        yield from self.linear([expert_module(m, expert) for m in modules], weights, act, importance)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None,
+                importance: Act = None, grids: Grids = None) -> Iterator[Emit]:
+        yield from self.linear([expert_module(m, expert) for m in modules], weights, act, importance, grids)
 
     def decode_expert(self, read: Read, stack_module: str, expert: int) -> torch.Tensor:
         return self.decode_linear(read, expert_module(stack_module, expert))
@@ -196,9 +227,13 @@ class CtFp8DynamicLayout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        for module, w in zip(modules, weights):
-            q, s = quantize_fp8_channel(w)
+    def grids(self, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> list[Grid]:
+        return [Grid("fp8_channel", quantize_fp8_channel(w)[1]) for w in weights]
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
+        for i, (module, w) in enumerate(zip(modules, weights)):
+            q, s = (encode_fp8_channel(w, grids[i].scale), grids[i].scale) if grids else quantize_fp8_channel(w)
             yield f"{module}.weight", q, None
             yield f"{module}.weight_scale", s, None
 
@@ -221,10 +256,14 @@ class CtNvfp4A16Layout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
+    def grids(self, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> list[Grid]:
+        return self._nvfp4_grids(weights, importance)
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
         # One global scale for the whole fused group: vLLM keeps a single one per fused parameter.
-        gs = shared_global_scale(*weights)
-        for module, (packed, scale) in zip(modules, self._nvfp4(weights, gs, importance)):
+        gs = grids[0].global_scale if grids else shared_global_scale(*weights)
+        for module, (packed, scale) in zip(modules, self._nvfp4(weights, gs, importance, grids)):
             yield f"{module}.weight_packed", packed, None
             yield f"{module}.weight_scale", scale, None
             yield f"{module}.weight_global_scale", gs, None
@@ -259,9 +298,10 @@ class CtNvfp4Layout(CtNvfp4A16Layout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
         igs = global_scale(_group_amax(act))
-        for name, t, row in super().linear(modules, weights, None, importance):
+        for name, t, row in super().linear(modules, weights, None, importance, grids):
             yield name, t, row
             if name.endswith(".weight_global_scale"):
                 yield name.replace(".weight_global_scale", ".input_global_scale"), igs, None
@@ -286,10 +326,19 @@ class CtFp8StaticLayout(_CompressedTensorsLayout):
         "output_activations": None,
     }
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        dtype = weights[0].dtype
-        scale = fp8_tensor_scale(torch.stack([w.abs().amax().float() for w in weights]).amax(), dtype)
-        input_scale = fp8_tensor_scale(_group_amax(act), dtype)
+    @staticmethod
+    def _weight_scale(weights: list[torch.Tensor]) -> torch.Tensor:
+        return fp8_tensor_scale(torch.stack([w.abs().amax().float() for w in weights]).amax(), weights[0].dtype)
+
+    def grids(self, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> list[Grid]:
+        scale = self._weight_scale(weights)  # tied across the fused group
+        return [Grid("fp8_tensor", scale) for _ in weights]
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
+        # GPTQ's weights are float32 on the grid: divided in float32 they give back their codes exactly
+        scale = grids[0].scale if grids else self._weight_scale(weights)
+        input_scale = fp8_tensor_scale(_group_amax(act), grids[0].scale.dtype if grids else weights[0].dtype)
         for module, w in zip(modules, weights):
             yield f"{module}.weight", quantize_fp8_tensor(w, scale), None
             yield f"{module}.weight_scale", scale, None
@@ -312,21 +361,26 @@ class ModeloptNvfp4Layout(_Layout):
     supports_search = True
     static_activations = True
 
-    def _quantize(self, weights, act, importance):
-        gs = shared_global_scale(*weights)
+    def _quantize(self, weights, act, importance, grids: Grids = None):
+        gs = grids[0].global_scale if grids else shared_global_scale(*weights)
         input_scale = 1.0 / global_scale(_group_amax(act))
-        return gs, 1.0 / gs, input_scale, self._nvfp4(weights, gs, importance)
+        return gs, 1.0 / gs, input_scale, self._nvfp4(weights, gs, importance, grids)
 
-    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        _, scale_2, input_scale, packed = self._quantize(weights, act, importance)
+    def grids(self, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> list[Grid]:
+        return self._nvfp4_grids(weights, importance)
+
+    def linear(self, modules: list[str], weights: list[torch.Tensor], act: Act = None, importance: Act = None,
+               grids: Grids = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act, importance, grids)
         for module, (p, s) in zip(modules, packed):
             yield f"{module}.weight", p, None
             yield f"{module}.weight_scale", s, None
             yield f"{module}.weight_scale_2", scale_2.reshape(()), None
             yield f"{module}.input_scale", input_scale.reshape(()), None
 
-    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None, importance: Act = None) -> Iterator[Emit]:
-        _, scale_2, input_scale, packed = self._quantize(weights, act, importance)
+    def experts(self, modules: list[str], expert: int, weights: list[torch.Tensor], act: Act = None,
+                importance: Act = None, grids: Grids = None) -> Iterator[Emit]:
+        _, scale_2, input_scale, packed = self._quantize(weights, act, importance, grids)
         for module, (p, s) in zip(modules, packed):
             yield f"{module}.weight", p.unsqueeze(0), expert
             yield f"{module}.weight_scale", s.unsqueeze(0), expert
@@ -345,7 +399,7 @@ class ModeloptNvfp4Layout(_Layout):
         return lambda x: activations.nvfp4(x, igs)
 
     def expert_input_quant(self, read: Read, stack_module: str, expert: int) -> InputQuant:
-        igs = 1.0 / read(f"{stack_module}.input_scale").float().reshape(-1)[expert].reshape(1)
+        igs = 1.0 / read(f"{stack_module}.input_scale")[expert].float().reshape(1)  # stack [E]: one per expert
         return lambda x: activations.nvfp4(x, igs)
 
     def exclude_modules(self, kept: list[KeptModule], mtp_layers: list[int]) -> list[str]:

@@ -103,7 +103,7 @@ def _cmd_quantize(args) -> int:
         stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
                    max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
-                   method=method, allow_nonfinite=args.allow_nonfinite)
+                   method=method, allow_nonfinite=args.allow_nonfinite, device=args.device, dtype=args.dtype)
     _remember(out)
     return 0
 
@@ -275,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert weights holding NaN/Inf (a warning per tensor) instead of refusing them")
     s.add_argument("--max-shard-size", type=_size, default=None, help="cap per output shard, e.g. 5GB (default)")
     s.add_argument("--stats", help="a statistics file from `stepq calibrate` (default: calibrate or reuse)")
-    s.add_argument("--method", choices=["rtn", "search"],
-                   help="safetensors schemes; rtn (default): round to nearest, bit-identical to compressed-tensors; search (NVFP4): per-group FP8 "
-                        "scale search weighted by calibration importance, same format, lower error")
+    s.add_argument("--method", choices=["rtn", "search", "gptq", "gptq+search"],
+                   help="safetensors schemes; rtn (default for data-free schemes): round to nearest, bit-identical "
+                        "to compressed-tensors; search (NVFP4): per-group FP8 scale search weighted by calibration "
+                        "importance; gptq: llm-compressor's GPTQ, layer by layer on the calibration data; "
+                        "gptq+search (NVFP4): GPTQ on the searched scales. Same format for all")
     _add_calibration_args(s)
     s.set_defaults(run=_cmd_quantize)
 
