@@ -154,7 +154,7 @@ class GptqPass:
                 hooks.add_expert_hook(moe, expert_h)
             run(f" GPTQ Hessians {i + 1}/{len(chunks)}")
             hooks.remove()
-            for u in dense:
+            for u in dense if i == 0 else []:  # the first pass collected their Hessians
                 self._quantize(u, None, dense_h[u.id])
             for u in stacks:
                 for e in experts:
