@@ -2,6 +2,8 @@
 # Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact)
 # IMATRIX (=1: GGUF K/IQ quants with an importance matrix from stepq's calibration).
 # DEVICE (auto, cpu, cuda, cuda:N) and DTYPE (bfloat16, float32): where calibration and eval run their forward.
+# METHOD (rtn, search, gptq, gptq+search): how weights are rounded; quant-nvfp4 defaults to gptq (bench/README.md
+# "Quantization methods": the lowest KLD measured), quant-fp8 to rtn.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -24,6 +26,7 @@ LAST_ARTIFACT = $(shell cat $(OUT)/.last-artifact 2>/dev/null)
 TASKS ?=
 FORCE ?=
 IMATRIX ?=
+METHOD ?=
 DEVICE ?=
 DTYPE ?=
 COMPUTE = $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE))
@@ -51,10 +54,10 @@ calibrate: $(STAMP)
 	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force) $(COMPUTE)
 
 quant-fp8: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET))
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(if $(METHOD),--method $(METHOD) $(COMPUTE))
 
 quant-nvfp4: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(COMPUTE)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --method $(or $(METHOD),gptq) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(COMPUTE)
 
 # quant-gguf: QTYPE=Q4_K_M (default); IMATRIX=1 quantizes with stepq's calibration (required by IQ2_XXS, IQ2_XS,
 # IQ2_S, IQ2_M, IQ3_XXS, IQ1_S, IQ1_M); NO_MTP=1 drops the MTP head; MTP_ONLY=1 writes only the MTP draft

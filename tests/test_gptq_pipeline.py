@@ -166,3 +166,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, bundled_fixture,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"stepq: error: {message}"
     assert not [p for p in tmp_path.iterdir() if "NVFP4" in p.name or "FP8" in p.name]
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "nvfp4-modelopt", "fp8-static", "fp8-dynamic", "fp8-block"])
+def test_every_scheme_gets_the_same_format_with_gptq(tmp_path, bundled_fixture, stats, scheme):
+    """Same tensors, dtypes, shapes and config as round-to-nearest (what the engines load is unchanged), the values
+    on the format's grid (read back by the independent decoders), GPTQ's codes different."""
+    rtn = ArtifactReader(quantize(bundled_fixture, scheme, tmp_path / "rtn", stats=stats))
+    gptq = ArtifactReader(quantize(bundled_fixture, scheme, tmp_path / "gptq", stats=stats, method="gptq",
+                                   device="cpu"))
+    assert json.loads((rtn.path / "config.json").read_text()) == json.loads((gptq.path / "config.json").read_text())
+    names = sorted(rtn.stored_names())
+    assert names == sorted(gptq.stored_names())
+    for n in names:
+        a, b = rtn.stored(n), gptq.stored(n)
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), n
+    moved = [n for n in rtn.source_names() if rtn.decisions[n]["action"] != "kept"
+             and not torch.equal(rtn.read(n), gptq.read(n))]
+    assert len(moved) > 0.5 * sum(d["action"] != "kept" for d in rtn.decisions.values())
