@@ -82,7 +82,8 @@ def split_w4a4(art: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| scheme | method | KLD mean | KLD p99 | top-1 | PPL ratio | MTP acc. ratio (d1, d2) | quantize s | peak RSS MiB |",
+    lines = ["| scheme | method | KLD mean | KLD p99 | top-1 | PPL ratio | MTP acc. ratio (d1, d2) | quantize s "
+             "| peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for scheme, by_method in results["schemes"].items():
         rtn = by_method.get("rtn", {}).get("kld_mean")

@@ -34,7 +34,7 @@ from calib.moe import GroupedMoE, HookSet
 from convert.errors import BadInput
 from convert.gptq_store import RECORDS_KEY, row_key
 from convert.safetensors_export import SourceReader, Unit, _acts, read_part
-from quant.gptq import GptqSettings, add_to_hessian, empty_hessian, gptq, normalized
+from quant.gptq import DEFAULT_SETTINGS, GptqSettings, add_to_hessian, empty_hessian, gptq, normalized
 from quant.roles import Role
 
 log = logging.getLogger("stepq.gptq")
@@ -106,7 +106,7 @@ class _QuantizedExperts:
 class GptqPass:
     """The stream's `LayerDriver` and the per-layer checkpoints' collector (`take_state`) for one GPTQ run."""
 
-    def __init__(self, units: list[Unit], layout, src: SourceReader, settings: GptqSettings = GptqSettings(),
+    def __init__(self, units: list[Unit], layout, src: SourceReader, settings: GptqSettings = DEFAULT_SETTINGS,
                  hessian_bytes: int = HESSIAN_BYTES):
         self.layout, self.src, self.settings, self.hessian_bytes = layout, src, settings, hessian_bytes
         self.by_layer: dict[int, list[Unit]] = defaultdict(list)
@@ -269,7 +269,7 @@ class GptqPass:
         return [r for r in self.records if r["method"] != "gptq"]
 
 
-def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, settings: GptqSettings = GptqSettings(),
+def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, settings: GptqSettings = DEFAULT_SETTINGS,
              hessian_bytes: int = HESSIAN_BYTES, force: bool = False, progress: bool = True,
              extra_key: dict | None = None) -> tuple[str, dict]:
     """The GPTQ pass over the calibration samples the statistics `stats` were computed on; every layer's output

@@ -26,7 +26,7 @@ class GptqStore:
     def __init__(self, folder: str | Path, key: str):
         self.folder, self.key = Path(folder), key
         self._files = [safe_open(str(p), "pt") for p in sorted(self.folder.glob(LAYER_FILES))]
-        self._where = {k: f for f in self._files for k in f.keys()}
+        self._where = {k: f for f in self._files for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
 
     def get(self, name: str, row: int | None = None) -> torch.Tensor:
         k = row_key(name, row)
@@ -51,5 +51,5 @@ class GptqStore:
 
     def records(self) -> list[dict]:
         """Every module's / expert's record, in layer order."""
-        return [r for f in self._files if RECORDS_KEY in f.keys()
+        return [r for f in self._files if RECORDS_KEY in f.keys()  # noqa: SIM118
                 for r in json.loads(bytes(f.get_tensor(RECORDS_KEY).numpy()).decode())]

@@ -45,6 +45,9 @@ class GptqSettings:
                 "modifiers.gptq.gptq_quantize.quantize_weight"}
 
 
+DEFAULT_SETTINGS = GptqSettings()
+
+
 @dataclass
 class Grid:
     """Where one weight's quantized values may lie, fixed before GPTQ runs. `kind`:
@@ -104,7 +107,7 @@ def _quant_args(kind: str, actorder: str | None):
 
 
 def gptq(weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list[Grid],
-         settings: GptqSettings = GptqSettings()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         settings: GptqSettings = DEFAULT_SETTINGS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of same-shape weights `[rows, cols]` (one batch call of llm-compressor's `quantize_weight`), each with
     its normalized Hessian `[cols, cols]` and its grid (all of one kind).
 
@@ -120,6 +123,6 @@ def gptq(weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list[
     h = torch.stack([x.to(torch.float32) for x in hessians])
     scale = torch.stack([g.scale.to(torch.float32) for g in grids])
     gs = torch.stack([g.global_scale.to(torch.float32).reshape(()) for g in grids]) if kind == "nvfp4" else None
-    q, losses, fallback = quantize_weight(w, h, scale, torch.zeros_like(scale), gs, _quant_args(kind, settings.actorder),
-                                          blocksize=settings.block_size, percdamp=settings.dampening)
-    return q, losses, fallback
+    args = _quant_args(kind, settings.actorder)
+    return quantize_weight(w, h, scale, torch.zeros_like(scale), gs, args, blocksize=settings.block_size,
+                           percdamp=settings.dampening)

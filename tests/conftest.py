@@ -45,3 +45,21 @@ def llama_cpp() -> Path:
     if p.returncode != 0:
         pytest.fail(f"make llama-cpp failed:\n{(p.stdout + p.stderr)[-3000:]}")
     return llama_cpp_dir()
+
+
+class ConstantStats:
+    """Made-up calibration statistics: input absmax 2.0 for every module and expert, 10 tokens each (schemes that
+    need an input scale per module, where the load or layout is what a test checks, not the values)."""
+
+    sha256, meta = "0" * 64, {"fake": True}
+
+    def input_amax(self, module, expert=None):
+        return torch.tensor(2.0)
+
+    def tokens(self, module, expert=None):
+        return 10
+
+
+@pytest.fixture(scope="session")
+def constant_stats() -> ConstantStats:
+    return ConstantStats()

@@ -158,8 +158,8 @@ def test_an_interrupted_pass_resumes_to_the_same_bytes(tmp_path, bundled_fixture
     (["--scheme", "fp8-static", "--method", "gptq+search"],
      "--method gptq+search: not available for fp8-static (methods: rtn, gptq)"),
     (["--scheme", "nvfp4a16", "--method", "gptq", "--num-samples", "1", "--seq-len", "64"],
-     "model.layers.0.mlp.down_proj: GPTQ needs at least 512 calibration tokens for its 512x512 Hessian, "
-     "the calibration set gave 64: use more samples (--num-samples)"),
+     ("model.layers.0.mlp.down_proj: GPTQ needs at least 512 calibration tokens for its 512x512 Hessian, "
+      "the calibration set gave 64: use more samples (--num-samples)")),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, bundled_fixture, capsys, args, message):
     assert main(["quantize", str(bundled_fixture), "--out", str(tmp_path), *args]) == 2

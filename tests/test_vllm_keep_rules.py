@@ -11,7 +11,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 import yaml
 
 from convert.fixtures import BUNDLED_FIXTURE
@@ -24,20 +23,8 @@ KEEP = [{"layers": [0, 4], "roles": ["attn_q", "attn_k", "attn_v"]},
 QUANT_METHOD = {"nvfp4a16": "compressed-tensors", "fp8-block-all": "fp8", "nvfp4-modelopt": "modelopt_fp4"}
 
 
-class _Stats:
-    """Made-up input absmax (ModelOpt needs one per module): the load is checked here, not the values."""
-
-    sha256, meta = "0" * 64, {"fake": True}
-
-    def input_amax(self, module, expert=None):
-        return torch.tensor(2.0)
-
-    def tokens(self, module, expert=None):
-        return 10
-
-
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, dict]:
+def reports(tmp_path_factory, constant_stats) -> dict[str, dict]:
     try:
         python = ensure_vllm_env()
     except VllmEnvError as e:  # never skipped: a missing env is a failure with its reason
@@ -49,7 +36,7 @@ def reports(tmp_path_factory) -> dict[str, dict]:
             recipe = {**yaml.safe_load((RECIPES_DIR / f"{base}.yaml").read_text()), "name": f"{base}-keep", "keep": KEEP}
             path = tmp / f"{base}-keep.yaml"
             path.write_text(yaml.safe_dump(recipe))
-            stats = _Stats() if base == "nvfp4-modelopt" else None
+            stats = constant_stats if base == "nvfp4-modelopt" else None
             art = quantize(BUNDLED_FIXTURE, base, tmp / "out", recipe_file=str(path), stats=stats)
             futures[base] = pool.submit(verify_vllm, art, 300, python)
         return {base: f.result() for base, f in futures.items()}

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 
 from convert.errors import BadInput
@@ -88,20 +87,8 @@ def _ignored(patterns, module):
     return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in patterns)
 
 
-class _Stats:
-    """Made-up input absmax for the ModelOpt layout (its load is what matters here, not the values)."""
-
-    sha256, meta = "0" * 64, {"fake": True}
-
-    def input_amax(self, module, expert=None):
-        return torch.tensor(2.0)
-
-    def tokens(self, module, expert=None):
-        return 10
-
-
 @pytest.fixture(scope="module")
-def kept_artifacts(tmp_path_factory):
+def kept_artifacts(tmp_path_factory, constant_stats):
     """The bundled fixture (trunk layers 0-4, MoE 2-4) with q/k/v kept in layers 0 and 4 and the routed experts in
     layer 2, in each engine config family: compressed-tensors, native fp8, ModelOpt."""
     from convert.fixtures import BUNDLED_FIXTURE
@@ -113,7 +100,7 @@ def kept_artifacts(tmp_path_factory):
         recipe.update(name=f"{base}-keep", keep=[{"layers": [0, 4], "roles": QKV}, {"layers": [2], "roles": EXPERTS}])
         path = tmp / f"{base}-keep.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        stats = _Stats() if scheme == "nvfp4-modelopt" else None
+        stats = constant_stats if scheme == "nvfp4-modelopt" else None
         made[scheme] = quantize(BUNDLED_FIXTURE, base, tmp / "out", recipe_file=str(path), stats=stats)
     return made
 
