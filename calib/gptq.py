@@ -34,7 +34,7 @@ from calib.moe import GroupedMoE, HookSet
 from convert.errors import BadInput
 from convert.gptq_store import RECORDS_KEY, row_key
 from convert.safetensors_export import SourceReader, Unit, _acts, read_part
-from quant.gptq import DEFAULT_SETTINGS, GptqSettings, add_to_hessian, empty_hessian, gptq, normalized
+from quant.gptq import DEFAULT_SETTINGS, GptqSettings, add_to_hessian, empty_hessian, gptq_shared, normalized
 from quant.roles import Role
 
 log = logging.getLogger("stepq.gptq")
@@ -229,28 +229,13 @@ class GptqPass:
             out = list(emit(ws))
         else:
             grids = layout.grids(ws, acts, importance)
-            q, losses, fallback = self._gptq(ws, hessian, grids)
+            q, losses, fallback = gptq_shared(ws, hessian, grids, self.settings)
             record["method"] = "grid only: Hessian not positive definite" if fallback else "gptq"
             record["loss"] = float(losses)
             out = list(emit(q, grids))
         self.records.append(record)
         for name, t, row in out:
             self.emitted[row_key(name, row)] = t.clone()  # fused members share their scale tensors
-
-    def _gptq(self, ws: list[torch.Tensor], hessian: torch.Tensor, grids) -> tuple[list[torch.Tensor], float, bool]:
-        """GPTQ of a fused group's members sharing one Hessian; members of equal shape in one batch call."""
-        out: list[torch.Tensor | None] = [None] * len(ws)
-        loss, fallback = 0.0, False
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, w in enumerate(ws):
-            by_shape[tuple(w.shape)].append(i)
-        for idx in by_shape.values():
-            q, losses, fb = gptq([ws[i] for i in idx], [hessian] * len(idx), [grids[i] for i in idx], self.settings)
-            for j, i in enumerate(idx):
-                out[i] = q[j]
-            loss += float(losses.sum())
-            fallback |= bool(fb.any())
-        return out, loss, fallback
 
     def _swap(self, module: nn.Module, linears: dict[str, nn.Linear], moe, dense: list[Unit],
               stacks: list[Unit]) -> None:

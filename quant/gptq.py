@@ -126,3 +126,32 @@ def gptq(weights: list[torch.Tensor], hessians: list[torch.Tensor], grids: list[
     args = _quant_args(kind, settings.actorder)
     return quantize_weight(w, h, scale, torch.zeros_like(scale), gs, args, blocksize=settings.block_size,
                            percdamp=settings.dampening)
+
+
+def _stacked_grid(grids: list[Grid], rows: list[int]) -> Grid | None:
+    """One grid for the members' rows stacked, when their grids stack: NVFP4 and FP8 per-tensor members with one
+    (tied) global / tensor scale, FP8 per-channel always, FP8 blocks when no block straddles two members."""
+    kind = grids[0].kind
+    if kind == "nvfp4" and all(torch.equal(g.global_scale, grids[0].global_scale) for g in grids):
+        return Grid(kind, torch.cat([g.scale for g in grids]), grids[0].global_scale)
+    if kind == "fp8_channel" or (kind == "fp8_block" and all(r % FP8_BLOCK == 0 for r in rows[:-1])):
+        return Grid(kind, torch.cat([g.scale for g in grids]))
+    if kind == "fp8_tensor" and all(torch.equal(g.scale, grids[0].scale) for g in grids):
+        return grids[0]
+    return None
+
+
+def gptq_shared(weights: list[torch.Tensor], hessian: torch.Tensor, grids: list[Grid],
+                settings: GptqSettings = DEFAULT_SETTINGS) -> tuple[list[torch.Tensor], float, bool]:
+    """GPTQ of a fused group's members, which share one input and so one Hessian (q/k/v, gate/up), in ONE call of
+    `quantize_weight` on their rows stacked: GPTQ updates each row on its own given the Hessian, so the result is
+    the members' separate results, for one factorization and one pass over the columns instead of one per member.
+    -> (quantized members, the sum of losses, whether llm-compressor fell back to round-to-nearest)."""
+    rows = [w.shape[0] for w in weights]
+    grid = _stacked_grid(grids, rows) if len(weights) > 1 else grids[0]
+    if grid is None:  # members whose grids do not stack: one call each
+        parts = [gptq([w], [hessian], [g], settings) for w, g in zip(weights, grids)]
+        losses = sum(float(loss.sum()) for _, loss, _ in parts)
+        return [q[0] for q, _, _ in parts], losses, any(bool(f.any()) for *_, f in parts)
+    q, losses, fallback = gptq([torch.cat([w.to(torch.float32) for w in weights])], [hessian], [grid], settings)
+    return list(q[0].split(rows)), float(losses.sum()), bool(fallback.any())

@@ -341,3 +341,22 @@ def test_llmcompressor_stays_quiet():
                          timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout == "" and out.stderr == "", (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4a16", "fp8-block", "fp8-dynamic", "fp8-static"])
+def test_members_sharing_a_hessian_in_one_call_equal_separate_calls(scheme):
+    """q/k/v (different heights) and gate/up share one input: one stacked GPTQ call gives each member's own result."""
+    from quant.gptq import gptq_shared
+    from quant.layouts import layout_for
+
+    torch.manual_seed(7)
+    cols = 512
+    x = torch.randn(2048, cols) @ torch.randn(cols, cols) * 0.1
+    h, n = empty_hessian(cols)
+    add_to_hessian(h, n, x)
+    hessian = normalized(h, n)
+    ws = [torch.randn(256, cols).bfloat16(), torch.randn(128, cols).bfloat16(), torch.randn(128, cols).bfloat16()]
+    grids = layout_for(scheme, "gptq").grids(ws)
+    stacked, _, _ = gptq_shared(ws, hessian, grids)
+    for w, g, q in zip(ws, grids, stacked):
+        assert torch.equal(q, gptq([w], [hessian], [g])[0][0])
