@@ -32,7 +32,8 @@ SEARCHABLE = {"nvfp4", "nvfp4a16", "nvfp4-modelopt"}  # the scale search is an N
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd` -> (wall seconds, peak RSS of the process in MiB, from wait4)."""
+    """Run `cmd` -> (wall seconds, peak RSS of the process in MiB, from wait4; it counts what the child inherited
+    at fork, so this process must stay small)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -106,7 +107,11 @@ def main() -> None:
     ap.add_argument("--schemes", default="nvfp4,nvfp4a16,fp8-static")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "out" / "bench-methods"))
+    ap.add_argument("--split", help=argparse.SUPPRESS)  # internal: print split_w4a4 of this artifact as JSON
     args = ap.parse_args()
+    if args.split:
+        print(json.dumps(split_w4a4(Path(args.split))))
+        return
     out = Path(args.out)
     subprocess.run([STEPQ, "calibrate", str(FIXTURE), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
     results = {"model": str(FIXTURE.relative_to(ROOT)), "eval": "stepq eval defaults for the fixture (eval.txt), "
@@ -116,8 +121,10 @@ def main() -> None:
             if "search" in method and scheme not in SEARCHABLE:
                 continue
             r = measure(out, scheme, method)
-            if scheme == "nvfp4":
-                r["kld_split"] = split_w4a4(Path((out / ".last-artifact").read_text().strip()))
+            if scheme == "nvfp4":  # in a child process: this one stays small, so its children's peak RSS is theirs
+                art = (out / ".last-artifact").read_text().strip()
+                r["kld_split"] = json.loads(subprocess.run([sys.executable, __file__, "--split", art], check=True,
+                                                           capture_output=True, text=True).stdout)
             results["schemes"].setdefault(scheme, {})[method] = r
             print(f"{scheme} {method}: {r}", file=sys.stderr, flush=True)
     dest = ROOT / "bench" / "results" / "nvfp4_methods.json"

@@ -69,6 +69,7 @@ def test_provenance_records_method_settings_versions_and_experts_without_gptq(ma
     g = prov["gptq"]
     assert g["settings"]["actorder"] == "weight" and g["settings"]["dampening"] == 0.01
     assert "llmcompressor 0.14.0.1" in g["settings"]["implementation"]
+    assert prov["versions"]["llmcompressor"] == "0.14.0.1"
     assert g["modules"] == g["gptq_modules"] + len(g["not_gptq"])
     for r in g["not_gptq"]:  # only experts may skip GPTQ, each for a stated reason matching its token count
         assert "expert" in r and r["method"].startswith("grid only")
