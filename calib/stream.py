@@ -55,7 +55,7 @@ class LayerDriver(Protocol):
     """An observer that runs each layer itself (calib.gptq: passes that collect Hessians, then quantizes the layer
     and runs it once more): `run_layer` calls `run(note)` as often as it needs; each call runs every micro-batch
     through `module` as it is then and writes the layer's output, so the last call's output is the next layer's
-    input."""
+    input. Not with a `HeadSink`: each run would hand its logits over again."""
 
     def run_layer(self, module: nn.Module, prefix: str, layer: int, run) -> None: ...
 
@@ -258,6 +258,8 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     not with logits, which need every layer run in this call)."""
     if (keep_outputs or heads is not None) and checkpoints is not None:
         raise ValueError("logits need every layer run in this call: no checkpoints")
+    if (keep_outputs or heads is not None) and hasattr(observer, "run_layer"):
+        raise ValueError("a LayerDriver runs layers more than once: no logits")
     compute = compute or resolve("cpu", "float32")
     dev, dtype = compute.device, compute.dtype
     if keep_outputs:
