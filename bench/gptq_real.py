@@ -134,7 +134,7 @@ def micro(model: Path, n_experts: int, hessian_tokens: int) -> dict:
         layer_units = [u for u in units if u.members[0].info.layer == moe_layer]
         drv = cg.GptqPass(units, layout, SourceReader(ckpt))
         timing = {"grids": 0.0, "gptq": 0.0}
-        real_gptq, real_grids = cg.gptq, layout.grids
+        real_gptq, real_grids = cg.gptq_shared, layout.grids
 
         def timed(key, fn):
             def f(*a, **k):
@@ -145,7 +145,7 @@ def micro(model: Path, n_experts: int, hessian_tokens: int) -> dict:
                     timing[key] += time.perf_counter() - t
             return f
 
-        cg.gptq = timed("gptq", real_gptq)
+        cg.gptq_shared = timed("gptq", real_gptq)
         layout.grids = timed("grids", real_grids)
         pieces = []
         hessians: dict[tuple, object] = {}
@@ -179,7 +179,7 @@ def micro(model: Path, n_experts: int, hessian_tokens: int) -> dict:
                             hessians.pop((cols, e), None)
                 emitted_bytes = sum(t.nbytes for t in drv.emitted.values())
         finally:
-            cg.gptq, layout.grids = real_gptq, real_grids
+            cg.gptq_shared, layout.grids = real_gptq, real_grids
     finally:
         ckpt.close()
     out["pieces"] = pieces
