@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from calib.moe import GroupedMoE, HookSet
 from convert.errors import BadInput
@@ -107,8 +110,9 @@ class GptqPass:
     """The stream's `LayerDriver` and the per-layer checkpoints' collector (`take_state`) for one GPTQ run."""
 
     def __init__(self, units: list[Unit], layout, src: SourceReader, settings: GptqSettings = DEFAULT_SETTINGS,
-                 hessian_bytes: int = HESSIAN_BYTES):
+                 hessian_bytes: int = HESSIAN_BYTES, progress: bool = False):
         self.layout, self.src, self.settings, self.hessian_bytes = layout, src, settings, hessian_bytes
+        self.progress = progress  # a bar over each layer's GPTQ pieces (a real MoE layer's take ~25 min on 2 cores)
         self.by_layer: dict[int, list[Unit]] = defaultdict(list)
         for u in units:
             if u.quantize:
@@ -142,6 +146,8 @@ class GptqPass:
         dense = [u for u in units if not u.experts]
         stacks = [u for u in units if u.experts]
         chunks = self._expert_chunks(stacks, moe)
+        bar = tqdm(total=len(dense) + len(stacks) * sum(map(len, chunks)), unit="piece", desc=f"layer {layer + 1} GPTQ",
+                   disable=not self.progress, dynamic_ncols=True)
         for i, experts in enumerate(chunks):
             hooks = HookSet()
             dense_h = self._hook_dense(dense, linears, hooks) if i == 0 else {}
@@ -156,11 +162,14 @@ class GptqPass:
             hooks.remove()
             for u in dense if i == 0 else []:  # the first pass collected their Hessians
                 self._quantize(u, None, dense_h[u.id])
+                bar.update()
             for u in stacks:
                 for e in experts:
                     h = expert_h.down if u.members[0].info.role == Role.EXPERTS_DOWN else expert_h.gate_up
                     self._quantize(u, e, h.get(e))
+                    bar.update()
             del dense_h, expert_h
+        bar.close()
         self.passes[layer] = len(chunks) + 1
         self._swap(module, linears, moe, dense, stacks)
         # Weights only: propagating with the engine's activation quantization too (W4A4) measured no better on the
@@ -250,9 +259,6 @@ class GptqPass:
             quantized = {t.info.module for u in stacks for t in u.members}
             moe.experts = _QuantizedExperts(moe.experts, self.layout, tensors, quantized, moe.compute)
 
-    def fallbacks(self) -> list[dict]:
-        return [r for r in self.records if r["method"] != "gptq"]
-
 
 def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, settings: GptqSettings = DEFAULT_SETTINGS,
              hessian_bytes: int = HESSIAN_BYTES, force: bool = False, progress: bool = True,
@@ -260,9 +266,6 @@ def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, setting
     """The GPTQ pass over the calibration samples the statistics `stats` were computed on; every layer's output
     tensors land in `folder` (per-layer checkpoints, calib.resume: a re-run with the same key continues after the
     last finished layer, a finished pass is reused whole). -> (the run's key, a summary for the provenance)."""
-    import sys
-    import time
-
     from calib.data import load_calibration
     from calib.resume import LayerCheckpoints, run_key
     from calib.stats import model_fingerprint
@@ -279,11 +282,12 @@ def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, setting
     key = digest({"calibration": run_key(model_fingerprint(ckpt.dir), data, False, compute, SPILL_BYTES, mbt),
                   "statistics_sha256": stats.sha256, "layout": type(layout).__name__, "method": layout.method,
                   "gptq": settings.to_dict(), **(extra_key or {})})
-    driver = GptqPass(units, layout, SourceReader(ckpt, stats=stats), settings, hessian_bytes)
+    progress = progress and sys.stderr.isatty()  # bars on terminals, not in logs
+    driver = GptqPass(units, layout, SourceReader(ckpt, stats=stats), settings, hessian_bytes, progress)
     checkpoints = LayerCheckpoints(folder)
     checkpoints.open(key, driver, force)
     stream_forward(ckpt, data.ids, driver, compute=compute, micro_batch_tokens=mbt, tmp_dir=str(checkpoints.dir),
-                   progress=progress and sys.stderr.isatty(), checkpoints=checkpoints)
+                   progress=progress, checkpoints=checkpoints)
     return key, {"settings": settings.to_dict(), "hessian_bytes": hessian_bytes, "compute": compute.label,
                  "forward_passes_per_layer": {str(k): v for k, v in sorted(driver.passes.items())},
                  "run_s": round(time.time() - t0, 3)}
