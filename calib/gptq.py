@@ -36,7 +36,7 @@ from tqdm import tqdm
 from calib.moe import GroupedMoE, HookSet
 from convert.errors import BadInput
 from convert.gptq_store import RECORDS_KEY, row_key
-from convert.safetensors_export import SourceReader, Unit, _acts, read_part
+from convert.safetensors_export import SourceReader, Unit, acts_of, importance_of, read_part
 from quant.gptq import DEFAULT_SETTINGS, GptqSettings, add_to_hessian, empty_hessian, gptq_shared, normalized
 from quant.roles import Role
 
@@ -214,7 +214,7 @@ class GptqPass:
         # in their own dtype: the grids round scales through it, as round-to-nearest and compressed-tensors do
         ws = [src.checked(t, w) for t, w in zip(unit.members, read_part(src, unit, expert))]
         modules = [t.info.module for t in unit.members]
-        acts = _acts(src, unit, expert)
+        acts = acts_of(src, unit, expert)
         columns = ws[0].shape[-1]
         record = {"module": "+".join(modules), "tokens": 0 if h is None else h.tokens}
         if expert is not None:
@@ -225,11 +225,10 @@ class GptqPass:
         elif expert is None:
             raise BadInput(f"{modules[0]}: GPTQ needs at least {columns} calibration tokens for its {columns}x{columns}"
                            f" Hessian, the calibration set gave {record['tokens']}: use more samples (--num-samples)")
-        importance = None
-        if layout.searches:  # the scale search weighs channels by the Hessian's diagonal (mean squared input)
-            importance = ([hessian.diagonal().clone()] * len(ws) if hessian is not None
-                          else [src.importance(t, expert) for t in unit.members])
-            importance = None if importance[0] is None else importance
+        # the scale search weighs channels by the Hessian's diagonal (mean squared input); without one, as the export
+        importance = importance_of(src, unit, expert, layout)
+        if layout.searches and hessian is not None:
+            importance = [hessian.diagonal().clone()] * len(ws)
         emit = (lambda w, grids=None: layout.linear(modules, w, acts, importance, grids)) if expert is None else \
             (lambda w, grids=None: layout.experts(modules, expert, w, acts, importance, grids))
         if hessian is None:

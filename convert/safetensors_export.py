@@ -199,7 +199,7 @@ def compute_part(layout, src, unit: Unit, expert: int | None,
     if not unit.quantize:
         return [(unit.members[0].info.name, ws[0], None)]  # kept: the source bytes, unchanged
     modules = [t.info.module for t in unit.members]
-    acts, importance = _acts(src, unit, expert), _importance(src, unit, expert, layout)
+    acts, importance = acts_of(src, unit, expert), importance_of(src, unit, expert, layout)
     if expert is None:
         return list(layout.linear(modules, ws, acts, importance))
     return list(layout.experts(modules, expert, ws, acts, importance))
@@ -211,12 +211,12 @@ def emit(unit: Unit, layout, src) -> Iterator[tuple[str, torch.Tensor, int | Non
         yield from compute_part(layout, src, unit, e, read_part(src, unit, e))
 
 
-def _acts(src: SourceReader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
+def acts_of(src: SourceReader, unit: Unit, expert: int | None) -> list[torch.Tensor] | None:
     acts = [src.act(t, expert) for t in unit.members]
     return None if acts[0] is None else acts
 
 
-def _importance(src: SourceReader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
+def importance_of(src: SourceReader, unit: Unit, expert: int | None, layout) -> list[torch.Tensor] | None:
     if not layout.searches:  # only the scale search weighs errors by channel importance
         return None
     imp = [src.importance(t, expert) for t in unit.members]
