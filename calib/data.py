@@ -21,7 +21,7 @@ import torch
 
 from convert.config import SIDE_FILES, model_file
 from convert.errors import BadInput
-from convert.fixtures import BUNDLED_FIXTURE
+from convert.fixtures import BUNDLED_FIXTURE, BUNDLED_FIXTURES
 from convert.hashing import file_sha256
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -49,13 +49,15 @@ FIXTURE_DEFAULTS = Defaults(str(FIXTURE_DATA), 64, 256)
 
 
 def defaults_for(model_dir: str | Path) -> Defaults:
-    """Fixture defaults for the bundled tiny model (or a copy with its config.json), real-model defaults otherwise."""
+    """Fixture defaults for the bundled tiny models (or a copy with one's config.json; the Step-3.7 fixture shares
+    the Step-3.5 fixture's text stack and text), real-model defaults otherwise."""
     model_dir = Path(model_dir)
     cfg = model_dir / "config.json"
-    if model_dir.resolve() == BUNDLED_FIXTURE.resolve():
+    if any(model_dir.resolve() == f.resolve() for f in BUNDLED_FIXTURES):
         return FIXTURE_DEFAULTS
     try:
-        same = json.loads(cfg.read_text()) == json.loads((BUNDLED_FIXTURE / "config.json").read_text())
+        raw = json.loads(cfg.read_text())
+        same = any(raw == json.loads((f / "config.json").read_text()) for f in BUNDLED_FIXTURES)
     except (OSError, ValueError):
         same = False  # a missing or broken config.json is reported by whoever opens the checkpoint
     return FIXTURE_DEFAULTS if same else MODEL_DEFAULTS

@@ -12,6 +12,9 @@ from convert.arch.step35 import Role, expected_tensors
 from convert.config import parse_config
 
 BUNDLED_FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-step35"
+# The Step-3.7 fixture: the same trained text stack with a vision tower (fixtures/make_tiny_step37.py).
+STEP37_FIXTURE = BUNDLED_FIXTURE.with_name("tiny-step37")
+BUNDLED_FIXTURES = (BUNDLED_FIXTURE, STEP37_FIXTURE)
 
 
 def fixture_config(**overrides) -> dict:
