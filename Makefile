@@ -110,7 +110,8 @@ clean:
 # the binding and the library always come from one sdist and nothing is compiled twice.
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_DIR ?= $(HOME)/.cache/stepq/llama.cpp-$(LLAMA_CPP_VERSION)
-LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench llama-speculative-simple llama-completion llama-gguf-split llama-tokenize
+LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-imatrix llama-bench llama-speculative-simple llama-completion llama-gguf-split llama-tokenize \
+	llama-mtmd-cli
 LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.stepq-built
 LLAMA_CPP_PY_STAMP := $(LLAMA_CPP_DIR)/python/.stepq-extracted
 LLAMA_CPP_PY_DEPS := diskcache==5.6.3
@@ -132,7 +133,8 @@ llama-cpp:
 .PHONY: llama-cpp-build
 llama-cpp-build:
 	@set -euo pipefail; \
-	built() { grep -qxF "$(LLAMA_CPP_BUILD_ID)" $(LLAMA_CPP_STAMP) 2>/dev/null || return 1; \
+	same_build() { grep -qxF "$(LLAMA_CPP_BUILD_ID)" $(LLAMA_CPP_STAMP) 2>/dev/null; }; \
+	built() { same_build || return 1; \
 	  for t in $(LLAMA_CPP_TOOLS); do test -x $(LLAMA_CPP_DIR)/src/build/bin/$$t || return 1; done; }; \
 	if built && [ -f $(LLAMA_CPP_PY_STAMP) ]; then \
 	  echo "llama.cpp $(LLAMA_CPP_VERSION): tools in $(LLAMA_CPP_DIR)/src/build/bin (cached)"; exit 0; fi; \
@@ -156,7 +158,7 @@ llama-cpp-build:
 	fi; \
 	rm -rf $(LLAMA_CPP_DIR)/sdist; \
 	if ! built; then \
-	  if [ -f $(LLAMA_CPP_STAMP) ]; then rm -rf $(LLAMA_CPP_DIR)/src/build $(LLAMA_CPP_STAMP); fi; \
+	  if [ -f $(LLAMA_CPP_STAMP) ] && ! same_build; then rm -rf $(LLAMA_CPP_DIR)/src/build $(LLAMA_CPP_STAMP); fi; \
 	  cmake -S $(LLAMA_CPP_DIR)/src -B $(LLAMA_CPP_DIR)/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
 	    -DCMAKE_C_FLAGS="$(LLAMA_CPP_NO_AMX)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_NO_AMX)" \
 	    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
