@@ -1,19 +1,84 @@
-"""Step-3.5 `config.json`, including the legacy hub keys and the MTP tail that transformers trims."""
+"""Step-3.5 and Step-3.7 `config.json`, including the legacy hub keys and the MTP tail that transformers trims.
+
+Step-3.7-Flash is Step-3.5's text stack (its legacy keys under `text_config`, the same tensor names) plus a vision
+tower and projector (`vision_config`, the Perception Encoder's own keys: `width`, `layers`, `heads`, ...)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import BadInput
 
-SUPPORTED_MODEL_TYPES = ("step3p5",)
+SUPPORTED_MODEL_TYPES = ("step3p5", "step3p7")
 # Far above any Step model (45 + 3); bounds the per-layer tables a config implies before any weight is read.
 MAX_LAYERS = 10_000
 # Files of a model folder besides weights and config that stages read or copy into artifacts.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+              "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+              "preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Step-3.7's vision tower (a Perception Encoder with two stride-2 downsampling convolutions) and projector."""
+
+    raw: dict
+    width: int
+    layers: int
+    heads: int
+    image_size: int
+    patch_size: int
+    intermediate: int
+    layer_norm_eps: float
+    use_cls_token: bool
+    use_ln_pre: bool
+    use_ln_post: bool
+    projector_bias: bool
+    image_token_id: int
+    projector_stride: int
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the global view."""
+        return self.image_size // self.patch_size
+
+
+def parse_vision(raw: dict, text_hidden: int, vocab_size: int, path: Path) -> VisionConfig:
+    """`vision_config` plus the top-level projector keys; legacy names (`width`, `layers`, `heads`) first, as the
+    checkpoint and vLLM's PerceptionEncoder spell them, transformers' names as a fallback."""
+    vision = raw.get("vision_config")
+    if not isinstance(vision, dict):
+        raise BadInput(f"{path}: model_type step3p7 needs a 'vision_config' object")
+    try:
+        width = int(vision.get("width", vision.get("hidden_size", 1536)))
+        layers = int(vision.get("layers", vision.get("num_hidden_layers", 47)))
+        heads = int(vision.get("heads", vision.get("num_attention_heads", 16)))
+        image_size, patch_size = int(vision.get("image_size", 728)), int(vision.get("patch_size", 14))
+        # every engine sizes the MLP as int(width * mlp_ratio) (vLLM, transformers; llama.cpp rounds, same here)
+        intermediate = int(vision.get("intermediate_size") or width * float(vision.get("mlp_ratio", 8960 / 1536)))
+        image_token_id = int(raw.get("image_token_id", 151679))
+        cfg = VisionConfig(
+            raw=vision, width=width, layers=layers, heads=heads, image_size=image_size, patch_size=patch_size,
+            intermediate=intermediate, layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
+            use_cls_token=bool(vision.get("use_cls_token", False)), use_ln_pre=bool(vision.get("use_ln_pre", True)),
+            use_ln_post=bool(vision.get("use_ln_post", False)), projector_bias=bool(raw.get("projector_bias", False)),
+            image_token_id=image_token_id, projector_stride=int(raw.get("understand_projector_stride", 2)),
+        )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"{path}: vision_config: malformed value ({e})")
+    if min(width, layers, heads, patch_size, intermediate) <= 0 or image_size < patch_size or width % heads \
+            or layers > MAX_LAYERS:
+        raise BadInput(f"{path}: vision_config: width {width}, layers {layers}, heads {heads}, image_size "
+                       f"{image_size}, patch_size {patch_size}: not a vision tower stepq reads")
+    if not 0 <= image_token_id < vocab_size:
+        raise BadInput(f"{path}: image_token_id {image_token_id} is outside the text vocabulary (0..{vocab_size - 1})")
+    if cfg.projector_stride != 2:
+        raise BadInput(f"{path}: understand_projector_stride {cfg.projector_stride}: Step-3.7's projector "
+                       f"downsamples by 2 twice (stride 2); other strides are not supported")
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -41,6 +106,19 @@ class Step35Config:
     partial_rotary_factors: tuple[float, ...]
     swiglu_limits: tuple[float, ...]
     swiglu_limits_shared: tuple[float, ...]
+    # Step-3.7: the whole config.json (`raw` above is its `text_config`) and the vision tower
+    model_type: str = "step3p5"
+    full_raw: dict | None = None
+    vision: VisionConfig | None = None
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def file_raw(self) -> dict:
+        """config.json as the model folder holds it (what artifacts write back, with their quantization config)."""
+        return self.full_raw if self.full_raw is not None else self.raw
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +170,17 @@ def parse_config(raw: dict, path: Path) -> Step35Config:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BadInput(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type == "step3p7":
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise BadInput(f"{path}: model_type step3p7 needs a 'text_config' object")
+        cfg = _parse_text(text, path)
+        vision = parse_vision(raw, cfg.hidden_size, cfg.vocab_size, path)
+        return dataclasses.replace(cfg, model_type=model_type, full_raw=raw, vision=vision)
+    return _parse_text(raw, path)
+
+
+def _parse_text(raw: dict, path: Path) -> Step35Config:
     try:
         n_trunk = int(raw["num_hidden_layers"])
         n_mtp = int(raw.get("num_nextn_predict_layers", 0) or 0)

@@ -35,7 +35,7 @@ from quant.expert_inputs import FALLBACK_REASON, expert_input_amax
 from quant.fast_common import all_finite
 from quant.layouts import KeptModule
 from quant.recipe import Recipe
-from quant.roles import EXPERT_ROLES, LINEAR_ROLES, fused_group
+from quant.roles import EXPERT_ROLES, LINEAR_ROLES, VISION_MODULE_ROLES, fused_group
 
 RECIPES_DIR = Path(quant.__file__).resolve().parent / "recipes"
 SOURCE_SHA256 = "source_sha256"  # progress-file memo kind: a resumed run does not hash the source shards again
@@ -361,9 +361,11 @@ def write_metadata(writer: ArtifactWriter, ckpt: Checkpoint, units: list[Unit], 
     """config.json with the layout's quantization config (what stayed BF16, for the engines' ignore lists), the
     layout's extra files, and the tokenizer files, copied."""
     kept = [KeptModule(t.info.module, t.info.role, t.info.mtp, tuple(vllm_names(t.info)))
-            for t in (u.members[0] for u in units if not u.quantize) if t.info.role in LINEAR_ROLES]
+            for t in (u.members[0] for u in units if not u.quantize)
+            if t.info.role in LINEAR_ROLES or t.info.role in VISION_MODULE_ROLES]
     whole_mtp = mtp.layers_kept_whole(recipe.mtp, ckpt.config.mtp_layers)
-    config = dict(ckpt.config.raw)
+    # the whole file, Step-3.7's text_config with its per-layer lists as the source wrote them
+    config = dict(ckpt.config.file_raw)
     config["quantization_config"] = layout.quantization_config(kept, whole_mtp)
     writer.write_json("config.json", config)
     for name, obj in layout.extra_files(kept, whole_mtp).items():

@@ -17,8 +17,15 @@ def summarize(ckpt: Checkpoint) -> dict:
         r["bytes"] += t.entry.nbytes
         r["dtypes"].add(t.entry.dtype)
     trunk = range(cfg.num_trunk_layers)
+    vision = None
+    if (v := cfg.vision) is not None:
+        vision = {"width": v.width, "layers": v.layers, "heads": v.heads, "mlp": v.intermediate,
+                  "image_size": v.image_size, "patch_size": v.patch_size,
+                  "tokens_per_view": (v.grid // 4) ** 2, "projector": [4 * v.width, cfg.hidden_size],
+                  "image_token_id": v.image_token_id,
+                  "params": sum(r["params"] for k, r in roles.items() if k.startswith("vision"))}
     return {
-        "model_type": cfg.raw.get("model_type"),
+        "model_type": cfg.model_type,
         "path": str(ckpt.dir),
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
@@ -31,6 +38,7 @@ def summarize(ckpt: Checkpoint) -> dict:
             "full_attention_layers": [i for i in range(cfg.num_layers) if cfg.layer_types[i] == "full_attention"],
             "experts": cfg.num_experts, "top_k": cfg.top_k,
         },
+        "vision": vision,
         "roles": {k: {**v, "dtypes": sorted(v["dtypes"])} for k, v in sorted(roles.items())},
     }
 
@@ -56,6 +64,13 @@ def render(s: dict) -> str:
         f"layers: {lay['trunk_layers']} trunk (dense {lay['dense_layers']}, MoE {len(lay['moe_layers'])} layers, "
         f"{lay['experts']} experts top-{lay['top_k']}), MTP {lay['mtp_layers']}, "
         f"full attention {lay['full_attention_layers']}",
+    ]
+    if (v := s.get("vision")) is not None:
+        lines.append(f"vision: {v['layers']} layers, width {v['width']}, {v['heads']} heads, MLP {v['mlp']}, "
+                     f"{v['image_size']}px / {v['patch_size']}px patches -> {v['tokens_per_view']} tokens per view, "
+                     f"projector {v['projector'][0]} -> {v['projector'][1]}, image token {v['image_token_id']}, "
+                     f"{v['params']:,} params (kept BF16 in every format)")
+    lines += [
         f"{'role':<18} {'tensors':>7} {'params':>14} {'bytes':>10}  dtypes",
     ]
     for role, r in s["roles"].items():

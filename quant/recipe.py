@@ -25,6 +25,9 @@ PROTECTED_REASONS = {
     Role.NORM: "norm weight",
     Role.EMBED: "embedding",
     Role.LM_HEAD: "output head",
+    Role.VISION_LINEAR: "vision tower stays BF16",
+    Role.VISION: "vision tower stays BF16",
+    Role.VISION_PROJECTOR: "vision projector stays BF16",
 }
 QUANTIZABLE_ROLES = LINEAR_ROLES - PROTECTED_REASONS.keys() - mtp_rule.ALWAYS_BF16
 _KEYS = {"name", "scheme", "description", "quantize", "mtp", "keep"}

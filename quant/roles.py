@@ -35,6 +35,11 @@ class Role(StrEnum):
     MTP_HNORM = "mtp_hnorm"
     MTP_HEAD_NORM = "mtp_head_norm"
     MTP_HEAD = "mtp_head"
+    # Step-3.7's vision tower and the projector into the text stack: kept BF16 in every format (as StepFun's own
+    # FP8 and NVFP4 releases do); GGUF writes them to the separate mmproj file.
+    VISION_LINEAR = "vision_linear"
+    VISION = "vision"
+    VISION_PROJECTOR = "vision_projector"
 
 
 EXPERT_ROLES = frozenset({Role.EXPERTS_GATE, Role.EXPERTS_UP, Role.EXPERTS_DOWN})
@@ -45,6 +50,10 @@ LINEAR_ROLES = frozenset({
 })
 # The MTP layers' own tensors (beside their decoder block, which carries the trunk's roles).
 MTP_OWN_ROLES = frozenset({Role.MTP_EH_PROJ, Role.MTP_ENORM, Role.MTP_HNORM, Role.MTP_HEAD_NORM, Role.MTP_HEAD})
+
+VISION_ROLES = frozenset({Role.VISION_LINEAR, Role.VISION, Role.VISION_PROJECTOR})
+# Linear modules of the vision side: not quantized, but the engines' ignore lists must name them.
+VISION_MODULE_ROLES = frozenset({Role.VISION_LINEAR, Role.VISION_PROJECTOR})
 
 # Roles an engine fuses into one parameter: they must be quantized together and, where the format has a
 # per-tensor global scale, share it (vLLM keeps one scale per fused parameter, e.g. only w1's for MoE w13).

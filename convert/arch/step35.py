@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from convert.arch import step37_vision as vision
 from convert.config import Step35Config
 from convert.errors import BadInput
-from quant.roles import EXPERT_ROLES, Role
+from quant.roles import EXPERT_ROLES, VISION_ROLES, Role
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class TensorSpec:
 
 def classify(name: str, cfg: Step35Config) -> TensorInfo:
     """Role of a checkpoint tensor; BadInput naming the tensor when the table has no entry for it."""
+    if name.startswith(vision.PREFIXES):
+        return TensorInfo(name, vision.classify(name, cfg.vision, cfg.hidden_size))
     if name in GLOBAL_TENSORS:
         return TensorInfo(name, GLOBAL_TENSORS[name].role)
     m = _LAYER_NAME.match(name)
@@ -116,6 +119,9 @@ def classify(name: str, cfg: Step35Config) -> TensorInfo:
             return TensorInfo(name, row.role, layer, cfg.is_mtp(layer))
         raise BadInput(f"tensor {name}: not expected in layer {layer} of this config "
                        f"({_layer_kind(cfg, layer)} layer)")
+    if name.startswith(("model.language_model.", "model.vision_model.", "model.vit_large_projector.")):
+        raise BadInput(f"tensor {name}: transformers' re-saved layout; stepq reads the layout StepFun publishes "
+                       f"(model.layers.*, vision_model.*, vit_large_projector.*)")
     raise BadInput(f"tensor {name}: unknown to the step3p5 role table")
 
 
@@ -171,6 +177,8 @@ def vllm_names(info: TensorInfo) -> list[str]:
     the `fp8` and ModelOpt configs skip it by that name, compressed-tensors by its per-expert linears
     (`moe.experts.<e>.<proj>`, vLLM checks expert 0's), which one `re:` pattern per stack covers (inert in the
     exact-match `fp8` list)."""
+    if info.role in VISION_ROLES:
+        return vision.vllm_names(info.name)
     if info.layer is None:
         return [info.module]
     layer, suffix = _split(info.name)
@@ -232,7 +240,8 @@ def _shape(cfg: Step35Config, layer: int | None, suffix: str, role: Role) -> tup
 
 
 def expected_tensors(cfg: Step35Config) -> list[TensorSpec]:
-    """Every tensor the config implies, trunk then MTP, with shapes and the checkpoint's dtypes."""
+    """Every tensor the config implies, trunk then MTP (then Step-3.7's vision side), with shapes and the
+    checkpoint's dtypes."""
     specs = []
     for name, row in GLOBAL_TENSORS.items():
         specs.append(TensorSpec(TensorInfo(name, row.role), _shape(cfg, None, name, row.role), "BF16"))
@@ -242,4 +251,7 @@ def expected_tensors(cfg: Step35Config) -> list[TensorSpec]:
                 info = TensorInfo(f"model.layers.{layer}.{suffix}", row.role, layer, cfg.is_mtp(layer))
                 dtype = "F32" if row.role is Role.ROUTER_BIAS else "BF16"
                 specs.append(TensorSpec(info, _shape(cfg, layer, suffix, row.role), dtype))
+    if cfg.vision is not None:
+        for name, (role, shape) in vision.expected(cfg.vision, cfg.hidden_size).items():
+            specs.append(TensorSpec(TensorInfo(name, role), shape, "BF16"))
     return specs

@@ -61,7 +61,8 @@ def test_real_config_layout(real_config):
     ("model.layers.0.moe.gate.weight", "dense layer"),            # router in a dense layer
     ("model.layers.48.input_layernorm.weight", "out-of-range"),   # beyond trunk + MTP
     ("model.layers.10.eh_proj.weight", "moe layer"),              # MTP tensor in a trunk layer
-    ("vision_model.embeddings.weight", "unknown"),
+    ("vision_model.embeddings.weight", "text-only"),             # a vision tensor in a Step-3.5 checkpoint
+    ("model.language_model.layers.0.input_layernorm.weight", "re-saved layout"),
 ])
 def test_unmapped_names_are_errors_naming_the_tensor(real_config, name, why):
     cfg = parse_config(real_config, Path("config.json"))
