@@ -48,14 +48,32 @@ def _source_license(source: dict) -> str | None:
 def _mtp_layers(provenance: dict, config: dict) -> list[int]:
     if "mtp_layers" in provenance:  # GGUF records them (empty with --no-mtp)
         return list(provenance["mtp_layers"]) if provenance.get("mtp", True) else []
-    n, k = config.get("num_hidden_layers"), config.get("num_nextn_predict_layers") or 0
+    text = config.get("text_config") or config  # Step-3.7 nests the text stack's keys
+    n, k = text.get("num_hidden_layers"), text.get("num_nextn_predict_layers") or 0
     has_mtp = any(t.get("role", "").startswith("mtp") for t in provenance.get("tensors", {}).values())
     return list(range(n, n + k)) if n is not None and has_mtp else []
 
 
-def _tags(provenance: dict, config: dict, artifact: Path, mtp: bool) -> list[str]:
+def _mmproj(files: list[str]) -> str | None:
+    return next((f for f in files if Path(f).name.startswith("mmproj") and f.endswith(".gguf")), None)
+
+
+def _multimodal(config: dict, files: list[str]) -> bool:
+    """Step-3.7 (text stack + vision tower): its config.json, or for GGUF (no config.json) the mmproj file."""
+    return config.get("model_type") == "step3p7" or _mmproj(files) is not None
+
+
+def _vision_line(config: dict, files: list[str]) -> str:
+    if not _multimodal(config, files):
+        return ""
+    mmproj = _mmproj(files)
+    return ("The vision tower and projector are kept in BF16, as in StepFun's own releases"
+            + (f"; for llama.cpp they are in `{mmproj}`." if mmproj else "."))
+
+
+def _tags(provenance: dict, config: dict, artifact: Path, mtp: bool, files: list[str]) -> list[str]:
     scheme = provenance.get("scheme", "")
-    tags = ["step3p5", "stepq", "quantized"]
+    tags = (["step3p7"] if _multimodal(config, files) else ["step3p5"]) + ["stepq", "quantized"]
     if scheme == "gguf":
         tags += ["gguf", str(provenance.get("qtype", "")).lower()]
     else:
@@ -183,9 +201,13 @@ def _run_section(repo_id: str, revision: str | None, provenance: dict, files: li
         ggufs = sorted(f for f in files if f.endswith(".gguf"))
         first = next((f for f in ggufs if "-00001-of-" in f), ggufs[0] if ggufs else "MODEL.gguf")
         spec = f" --spec-type draft-mtp --spec-draft-n-max {n}" if n else ""
+        if mmproj := _mmproj(ggufs):
+            first = next((f for f in ggufs if f != mmproj and "-00001-of-" in f),
+                         next((f for f in ggufs if f != mmproj), "MODEL.gguf"))
+        vision = f" --mmproj {mmproj}" if mmproj else ""
         out += ["llama.cpp" + (" with the MTP head as drafter (`--spec-type draft-mtp`):" if n else ":"), "",
                 "```sh", f"hf download {repo_id} {' '.join(ggufs)} --local-dir .{rev}",
-                f"llama-server -m {first}{spec}", "```"]
+                f"llama-server -m {first}{vision}{spec}", "```"]
     else:
         spec = (f" \\\n  --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": {n}}}'" if n else "")
         out += ["vLLM" + (" with the MTP head as drafter (the draft model is built from this checkpoint's MTP "
@@ -205,13 +227,14 @@ def build_card(artifact: str | Path, gate_record: dict, repo_id: str, revision: 
     source = provenance.get("source", {})
     mtp_layers = _mtp_layers(provenance, config)
     hub_source = _source_is_hub(source)
+    files = list(gate_record.get("files", {}))
 
     data = ModelCardData(
         base_model=source.get("model") if hub_source else None,
         library_name="gguf" if provenance.get("scheme") == "gguf" else "transformers",
         license=_source_license(source),
-        tags=_tags(provenance, config, artifact, bool(mtp_layers)),
-        pipeline_tag="text-generation",
+        tags=_tags(provenance, config, artifact, bool(mtp_layers), files),
+        pipeline_tag="image-text-to-text" if _multimodal(config, files) else "text-generation",
     )
     if hub_source:
         data.base_model_relation = "quantized"  # explicit: the Hub's inference misses quants living on branches
@@ -230,7 +253,9 @@ def build_card(artifact: str | Path, gate_record: dict, repo_id: str, revision: 
     method = f", method {provenance['method']}" if provenance.get("method") else ""
     intro = (f"`{provenance.get('variant', '?')}` quantization of {src_link}{rev}, made with stepq "
              f"{provenance.get('versions', {}).get('stepq', '')} (scheme `{scheme}`{method}). {what}")
-    body = [f"# {name}", "", intro, "", mtp_line, "", "## What is quantized", ""]
+    vision_line = _vision_line(config, files)
+    body = [f"# {name}", "", intro, "", mtp_line, ""] + ([vision_line, ""] if vision_line else [])
+    body += ["## What is quantized", ""]
     body += _decisions(provenance) + [""]
     body += _eval_section(report) + [""]
 
@@ -243,5 +268,5 @@ def build_card(artifact: str | Path, gate_record: dict, repo_id: str, revision: 
              + (f", compared with the previous release ({_baseline_name(base)})" if base else "")
              + f"; report sha256 `{gate_record.get('report', {}).get('sha256', '')[:16]}`.", "", "```"]
     body += [r["line"] for r in gate_record.get("results", [])] + ["```", ""]
-    body += _run_section(repo_id, revision, provenance, list(gate_record.get("files", {})), mtp_layers)
+    body += _run_section(repo_id, revision, provenance, files, mtp_layers)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")

@@ -32,7 +32,7 @@ from convert.errors import BadInput
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 FIXTURE_POLICY = POLICY_DIR / "fixture.yaml"
 MODEL_POLICY = POLICY_DIR / "step35-flash.yaml"
-FIXTURE_NAMES = {"tiny-step35"}  # source model names gated by FIXTURE_POLICY; anything else by MODEL_POLICY
+FIXTURE_NAMES = {"tiny-step35", "tiny-step37"}  # source model names gated by FIXTURE_POLICY; anything else by MODEL_POLICY
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,29 @@ def test_card_for_a_hub_source_names_base_model_and_license(synthetic, tmp_path)
     assert llama in text
     assert "- MTP head, stored as Q4_K (1 tensors): eh_proj" in text
     assert ModelCard(text).data.base_model == "stepfun-ai/Step-3.5-Flash"  # the front matter parses back
+
+
+def test_card_for_step37_names_the_vision_side(synthetic):
+    """Step-3.7: tagged step3p7 / image-text-to-text, the vision tower said to stay BF16; for GGUF the run line
+    passes the mmproj file beside the text model (which is not mistaken for the first text shard)."""
+    art = synthetic.artifact(name="tiny-step37-NVFP4", source="fixtures/tiny-step37")
+    (art / "config.json").write_text(json.dumps({"model_type": "step3p7", "text_config": {
+        "num_hidden_layers": 5, "num_nextn_predict_layers": 2}, "vision_config": {"width": 96}}))
+    prov = json.loads((art / "stepq.json").read_text())
+    prov["tensors"] = {"model.layers.5.eh_proj.weight": {"role": "mtp_eh_proj", "action": "kept"}}
+    (art / "stepq.json").write_text(json.dumps(prov))
+    card = build_card(art, gate(art).record, "org/tiny-step37-NVFP4")
+    assert card.data.pipeline_tag == "image-text-to-text" and "step3p7" in card.data.tags
+    assert "The vision tower and projector are kept in BF16" in str(card) and "layers 5–6" in str(card)
+
+    gguf = synthetic.artifact(name="tiny-step37-GGUF-Q4_K_M", variant="GGUF-Q4_K_M", source="fixtures/tiny-step37")
+    (gguf / "config.json").unlink()
+    (gguf / "model-00001-of-00001.safetensors").unlink()
+    (gguf / "stepq.json").write_text(json.dumps({"variant": "GGUF-Q4_K_M", "scheme": "gguf", "qtype": "Q4_K_M",
+                                                 "mtp": False, "mtp_layers": [], "source": {"model": "x"}}))
+    for f in ("mmproj-tiny-step37-F16.gguf", "tiny-step37-Q4_K_M.gguf"):
+        (gguf / f).write_bytes(b"GGUF")
+    synthetic.report(gguf, "GGUF-Q4_K_M")
+    text = str(build_card(gguf, gate(gguf).record, "org/tiny-step37-GGUF"))
+    assert "llama-server -m tiny-step37-Q4_K_M.gguf --mmproj mmproj-tiny-step37-F16.gguf" in text
+    assert "for llama.cpp they are in `mmproj-tiny-step37-F16.gguf`" in text
