@@ -91,9 +91,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/convert_real.py --size $(BENCH) $(BENCH_ARGS)
 	$(BIN)/python bench/calib_real.py --size $(BENCH)
 
-# Re-train the bundled fixture (deterministic given its seed; the result is committed).
+# Re-train the bundled fixture (deterministic given its seed; the result is committed), then rebuild the Step-3.7
+# fixture from it (its text stack + a small vision tower).
 fixture: $(STAMP)
 	$(BIN)/python fixtures/train_tiny_step35.py --out fixtures/tiny-step35
+	$(BIN)/python fixtures/make_tiny_step37.py --out fixtures/tiny-step37
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
