@@ -5,12 +5,21 @@ column) and plain `.txt` files are used as they are. Documents are taken in a se
 twice the needed tokens are at hand, packed into one stream, and N aligned L-token windows are drawn from it with the
 same seed: the seed changes which windows are used even for a single text file, and a huge dataset is never
 tokenized whole.
+
+Image sets (a Step-3.7 checkpoint with its vision tower): a .jsonl/.json file whose rows name images,
+`{"image": "a.png", "text": "..."}` or `{"images": ["a.png", "b.jpg"], "text": "..."}` (paths relative to the file),
+or a folder where each image `name.png` has its text beside it in `name.txt` (and .jsonl files in it may name images
+too). A sample is its images, each written as the processor's placeholder tokens (calib.images), then its text and
+EOS. Samples are taken in a seeded random order; window i starts at sample i and the samples after it fill it to L
+tokens (the last one cut at L), so N <= the number of samples (default: min(the model's default N, samples)). Every
+image is decoded when the set is read: one that cannot be is a BadInput naming its sample, before anything runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -19,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from calib.images import IMAGE_SUFFIXES, ImageRef, ImageRows
 from convert.config import SIDE_FILES, model_file
 from convert.errors import BadInput
 from convert.fixtures import BUNDLED_FIXTURE, BUNDLED_FIXTURES
@@ -65,7 +75,10 @@ def defaults_for(model_dir: str | Path) -> Defaults:
 
 def resolve_settings(model_dir, dataset: str | None, n: int | None, seq_len: int | None) -> tuple[str, int, int]:
     d = defaults_for(model_dir)
-    dataset, n, seq_len = str(dataset) if dataset else d.dataset, n or d.n, seq_len or d.seq_len
+    dataset = str(dataset) if dataset else d.dataset
+    if not n and dataset != d.dataset and (samples := _image_sample_count(dataset)):
+        n = min(d.n, samples)  # an image set: one window starts at each sample
+    n, seq_len = n or d.n, seq_len or d.seq_len
     if n <= 0 or seq_len <= 1:
         raise BadInput(f"calibration needs N >= 1 sequences of L >= 2 tokens (got N={n}, L={seq_len})")
     return dataset, n, seq_len
@@ -80,6 +93,7 @@ class Source:
     id: str
     files: list[Path] = field(default_factory=list)
     hub_split: str | None = None
+    samples: list[ImageSample] | None = None  # an image set's samples (None: a text set)
 
     @property
     def is_hub(self) -> bool:
@@ -90,7 +104,9 @@ class Source:
         if self.is_hub:
             return {"id": self.id, "kind": "hub", "split": self.hub_split, "files": {}, "sha256": None}
         root = self.files[0].parent if len(self.files) == 1 else Path(self.id)
-        files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in self.files}
+        images = sorted({p for s in self.samples or [] for p in s.images} - set(self.files))
+        files = {os.path.relpath(p, root): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in [*self.files, *images] if p.is_file()}  # a missing image is reported when it is read
         combined = hashlib.sha256(json.dumps(sorted((k, v["sha256"]) for k, v in files.items())).encode()).hexdigest()
         return {"id": self.id, "kind": "local", "files": files, "sha256": combined}
 
@@ -101,10 +117,13 @@ def open_source(dataset: str) -> Source:
         if path.suffix not in SUFFIXES:
             raise BadInput(f"{path}: unsupported dataset file type {path.suffix or '(none)'!r} "
                            f"(use {', '.join(SUFFIXES)} or a Hub dataset id)")
-        return Source(str(path), [path])
+        return Source(str(path), [path], samples=_image_rows(path) if _names_images(path) else None)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        visible = [p for p in sorted(path.rglob("*"))
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in visible):
+            return _image_folder(path, visible)
+        files = [p for p in visible if p.suffix in SUFFIXES]
         if not files:
             raise BadInput(f"{path}: dataset folder holds no {', '.join(SUFFIXES)} files")
         return Source(str(path), files)
@@ -238,6 +257,97 @@ class _HubRows:
             yield from row_docs(self.ds.select(range(start, min(start + 256, len(self.ds)))).to_list(), self.where)
 
 
+# ---- image sets ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageSample:
+    where: str               # names the sample in messages: "<file> line 3" or "<folder>/cat.png"
+    images: tuple[Path, ...]
+    text: str
+
+
+def _first_row(path: Path):
+    """The first row of a .jsonl/.json file (None when it has none or is not JSON): enough to tell an image set."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        return json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        return None  # reported by the text reader
+        return None
+    if path.suffix == ".json":
+        try:
+            rows = _json_rows(path)
+        except BadInput:
+            return None
+        return rows[0] if rows else None
+    return None
+
+
+def _names_images(path: Path) -> bool:
+    row = _first_row(path)
+    return isinstance(row, dict) and ("image" in row or "images" in row)
+
+
+def _image_rows(path: Path) -> list[ImageSample]:
+    """Rows {"image": path | "images": [paths], "text": str}; image paths relative to the file's folder."""
+    rows = [r for r in _json_rows(path) if r is not None]
+    samples = []
+    for i, r in enumerate(rows, 1):
+        where = f"{path} row {i}"
+        if not isinstance(r, dict):
+            raise BadInput(f"{where}: not a JSON object")
+        images = r.get("images", [r["image"]] if "image" in r else None)
+        if not (isinstance(images, list) and all(isinstance(x, str) and x for x in images)):
+            raise BadInput(f"{where}: `image` must be a path, `images` a list of paths")
+        if not isinstance(r.get("text"), str):
+            raise BadInput(f"{where}: no `text` string beside the images")
+        samples.append(ImageSample(where, tuple(path.parent / x for x in images), r["text"]))
+    if not samples:
+        raise BadInput(f"{path}: no rows")
+    return samples
+
+
+def _image_folder(path: Path, visible: list[Path]) -> Source:
+    """A folder with images: `name.<image>` + `name.txt` pairs, and .jsonl/.json files whose rows name images."""
+    samples, files = [], []
+    named: set[Path] = set()
+    for f in visible:
+        if f.suffix in (".jsonl", ".json"):
+            if not _names_images(f):
+                raise BadInput(f"{f}: an image folder's .jsonl/.json files must name images (rows with `image`)")
+            rows = _image_rows(f)
+            samples += rows
+            named |= {p.resolve() for s in rows for p in s.images}
+            files.append(f)
+    texts = {f.with_suffix(""): f for f in visible if f.suffix == ".txt"}
+    for f in visible:
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            txt = texts.pop(f.with_suffix(""), None)
+            if txt is not None:
+                samples.append(ImageSample(str(f), (f,), _read_text(txt)))
+                files += [txt]
+            elif f.resolve() not in named:
+                raise BadInput(f"{f}: no text for this image ({f.with_suffix('.txt').name} beside it, or a .jsonl "
+                               f"row naming it)")
+    if texts:
+        raise BadInput(f"{next(iter(texts.values()))}: a text file without an image beside it in an image folder")
+    if other := [f for f in visible if f.suffix in (".parquet",)]:
+        raise BadInput(f"{other[0]}: an image folder takes image + .txt pairs and .jsonl files only")
+    return Source(str(path), sorted(files), samples=samples)
+
+
+def _image_sample_count(dataset: str) -> int:
+    """How many samples an image set has (0: not a local image set)."""
+    try:
+        source = open_source(dataset)
+    except BadInput:
+        return 0  # reported when the dataset is read
+    return len(source.samples or [])
+
+
 # ---- tokenizer and sampling -----------------------------------------------------------------------------------
 
 def load_tokenizer(model_dir: str | Path):
@@ -264,6 +374,7 @@ class CalibData:
     seq_len: int
     seed: int
     tokens_drawn_from: int  # size of the packed stream the windows were drawn from
+    images: ImageRows | None = None  # an image set: the features each row takes at its image-token positions
 
 
 def _encode(tok, doc: tuple, where: str) -> list[int]:
@@ -281,11 +392,17 @@ def _encode(tok, doc: tuple, where: str) -> list[int]:
 
 
 def load_calibration(model_dir: str | Path, dataset: str | None = None, n: int | None = None,
-                     seq_len: int | None = None, seed: int = 0) -> CalibData:
+                     seq_len: int | None = None, seed: int = 0, images: bool = False) -> CalibData:
+    """N x L tokens of `dataset` (defaults: `resolve_settings`). `images`: the caller feeds image features (an image
+    set is refused otherwise)."""
     dataset, n, seq_len = resolve_settings(model_dir, dataset, n, seq_len)
     source = open_source(dataset)
     tok = load_tokenizer(model_dir)
     rng = random.Random(seed)
+    if source.samples is not None:
+        if not images:
+            raise BadInput(f"{source.id}: an image set; this command takes text only")
+        return _image_calibration(Path(model_dir), source, tok, n, seq_len, seed, rng)
     if source.is_hub:
         docs: Iterator[tuple] = iter(_HubRows(source, seed))  # already shuffled with the seed
     else:
@@ -303,3 +420,67 @@ def load_calibration(model_dir: str | Path, dataset: str | None = None, n: int |
     windows = sorted(rng.sample(range(len(stream) // seq_len), n))
     flat = torch.tensor(stream[: (len(stream) // seq_len) * seq_len], dtype=torch.long).view(-1, seq_len)
     return CalibData(flat[windows].contiguous(), source.fingerprint(), n, seq_len, seed, len(stream))
+
+
+def _image_calibration(model_dir: Path, source: Source, tok, n: int, seq_len: int, seed: int,
+                       rng: random.Random) -> CalibData:
+    """An image set's windows (see the module docstring) and the features each row takes."""
+    from calib.images import (
+        IMAGE_TOKEN,
+        Preprocessor,
+        feature_count,
+        image_token_ids,
+        open_image,
+        placeholder_ids,
+        plan,
+    )
+
+    cfg_path = model_dir / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        raise BadInput(f"{cfg_path}: unreadable")
+    if not isinstance(cfg.get("vision_config"), dict) or "image_token_id" not in cfg:
+        raise BadInput(f"{source.id}: an image set, but {model_dir} has no vision tower (a Step-3.7 checkpoint does)")
+    pre = Preprocessor.from_dir(model_dir)
+    ids = image_token_ids(tok, model_dir, int(cfg["image_token_id"]))
+    samples = list(source.samples)
+    rng.shuffle(samples)
+    if n > len(samples):
+        raise BadInput(f"{source.id}: {len(samples)} image samples, fewer than N = {n} (each window starts at its own "
+                       f"sample)")
+    refs: list[ImageRef] = []
+    encoded: list[tuple[list[int], list[int]]] = []  # per sample: tokens, indices into refs
+    for s in samples:
+        tokens, mine = [], []
+        for p in s.images:
+            im = open_image(p, s.where)  # decoded whole here: a bad image stops the run before it starts
+            pl = plan(im.width, im.height, pre)
+            tokens += placeholder_ids(pl, pre, ids)
+            mine.append(len(refs))
+            refs.append(ImageRef(p, s.where, pl, feature_count(pl, pre)))
+        if len(tokens) > seq_len:
+            raise BadInput(f"{s.where}: its images take {len(tokens)} tokens, more than L = {seq_len} (--seq-len)")
+        tokens += _encode(tok, ("text", s.text, True), source.id)
+        encoded.append((tokens, mine))
+    rows, placed = [], []
+    for i in range(n):
+        row: list[int] = []
+        where: list[tuple[int, int, int]] = []
+        j = i
+        while len(row) < seq_len:  # every sample holds a token at least (EOS or an image), so this ends
+            tokens, mine = encoded[j % len(encoded)]
+            take = tokens[:seq_len - len(row)]
+            left = sum(1 for t in take if t == ids[IMAGE_TOKEN])
+            for k in mine:
+                if left > 0:
+                    where.append((k, 0, min(left, refs[k].features)))
+                    left -= refs[k].features
+            row += take
+            j += 1
+        rows.append(row)
+        placed.append(where)
+    images = ImageRows(refs, placed, pre, ids[IMAGE_TOKEN])
+    out = torch.tensor(rows, dtype=torch.long)
+    images.check(out)
+    return CalibData(out, source.fingerprint(), n, seq_len, seed, sum(len(t) for t, _ in encoded), images)

@@ -7,6 +7,12 @@ Masks and RoPE follow `calib.reference.ReferenceModel`. Activations live on the 
 `spill_bytes` and in a numpy memmap on disk above it. An observer (calib.stats) sees each layer while it runs;
 logits are only computed when a `HeadSink` asks for them (eval, the golden tests), never during calibration. With
 `checkpoints` (calib.resume) each finished layer's output is persisted, and a re-run starts after the last one.
+
+Images (a Step-3.7 checkpoint, `images` from calib.data): the vision tower runs while the first hidden states are
+embedded, and its features replace the text embedding at the `<im_patch>` positions (Step3p7Model.forward's
+masked_scatter), so every layer, router and expert sees the image tokens as the engines feed them. The MTP layers
+embed the token ids as text, image positions too: vLLM's Step-3.5 MTP drafter takes no multimodal embeddings
+(llm_base_proposer.py: "using text-only draft inputs").
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm import tqdm
 from transformers.models.step3p7.modeling_step3p7 import Step3p7RMSNorm, Step3p7RotaryEmbedding
 
 from calib.compute import Compute, gemm, on_device, resolve
+from calib.images import ImageEmbedder, ImageRows
 from calib.layers import LayerPipeline
 from calib.reference import mtp_rope_problem, text_config
 from convert.checkpoint import Checkpoint
@@ -172,6 +179,7 @@ class StreamResult:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [N, L-k, V]
     spilled: bool = False
     micro_batch_tokens: int = 0
+    vision_runs: int = 0                        # images through the vision tower (once each, where it could keep them)
     timings: dict = field(default_factory=dict)
 
 
@@ -249,13 +257,14 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
                    keep_outputs: bool = False, heads: HeadSink | None = None, compute: Compute | None = None,
                    spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int | None = None,
                    tmp_dir: str | None = None, progress: bool = True,
-                   checkpoints: Checkpoints | None = None) -> StreamResult:
+                   checkpoints: Checkpoints | None = None, images: ImageRows | None = None) -> StreamResult:
     """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer's weights at a time.
 
     heads: receives the trunk and MTP logits per micro-batch (eval). keep_outputs=True keeps them all, and the trunk
     hidden state, in the result (tests, the fixture). compute: device and dtypes (default: CPU, float32).
     checkpoints: persist each finished layer and start after the last one an earlier run finished (calibration;
-    not with logits, which need every layer run in this call)."""
+    not with logits, which need every layer run in this call). images: the image features each row takes at its
+    `<im_patch>` positions (an image set; the vision tower is read from `ckpt`)."""
     if (keep_outputs or heads is not None) and checkpoints is not None:
         raise ValueError("logits need every layer run in this call: no checkpoints")
     if (keep_outputs or heads is not None) and hasattr(observer, "run_layer"):
@@ -301,8 +310,13 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         done, x = resumed
     else:
         done, x = -1, new(seq_len)
+        embedder = ImageEmbedder(images, ckpt, dev, dtype) if images is not None else None
         for b in range(0, n_seq, bsz):
-            x[rows(b)] = F.embedding(ids[rows(b)], embed).to(dtype)
+            e = F.embedding(ids[rows(b)], embed).to(dtype)
+            x[rows(b)] = embedder.scatter(b, ids[rows(b)], e) if embedder else e
+        if embedder:
+            res.vision_runs = embedder.runs
+            embedder.close()
         res.timings["embed_s"] = time.time() - t_start
 
     order = [i for i in range(cfg.num_layers) if i > done]
