@@ -32,6 +32,7 @@ from convert.gguf_vocab import add_tokenizer
 from quant.fast_common import all_finite
 from quant.fast_q8_0 import quantize_q8_0
 from quant.mtp import in_gguf
+from quant.roles import VISION_ROLES
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.STEP35]  # "step35"
 OUTTYPES: dict[str, QT] = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16, "Q8_0": QT.Q8_0}
@@ -92,6 +93,8 @@ def plan_tensors(ckpt: Checkpoint, outtype: str = "BF16", mtp: bool = True, mtp_
     if factors is not None:
         plan.append(PlannedTensor(ROPE_FREQS, factors.shape, QT.F32, None, "rope_freqs"))
     for t in sorted(ckpt.tensors.values(), key=lambda t: (t.shard, t.info.name)):
+        if t.info.role in VISION_ROLES:  # Step-3.7's vision side goes to the mmproj file (convert.gguf_mmproj)
+            continue
         if not in_gguf(t.info.role, t.info.layer, t.info.mtp, with_mtp=mtp, mtp_only=mtp_only):
             continue
         name = gguf_name(t.info)
@@ -300,9 +303,10 @@ def add_model_metadata(w: gguf.GGUFWriter, cfg: Step35Config, ftype: gguf.LlamaF
         w.add_nextn_predict_layers(cfg.num_mtp_layers)
 
 
-def _general_metadata(w: gguf.GGUFWriter, model_dir: Path, model_name: str | None) -> None:
+def general_metadata(w: gguf.GGUFWriter, model_dir: Path, model_name: str | None,
+                     gtype: str = gguf.GGUFType.MODEL) -> None:
     """general.type/name/size_label/... from the model folder (README card, config, generation config), through
-    gguf-py's Metadata as llama.cpp's converter does."""
+    gguf-py's Metadata as llama.cpp's converter does; `gtype` the file's general.type (`model`, or `mmproj`)."""
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, model_dir, model_name, total)
     gen = _json(model_dir / "generation_config.json")
@@ -312,7 +316,7 @@ def _general_metadata(w: gguf.GGUFWriter, model_dir: Path, model_name: str | Non
         meta.name = model_dir.name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, n_expert)
-    w.add_type(gguf.GGUFType.MODEL)
+    w.add_type(gtype)
     meta.set_gguf_meta_model(w)
 
 
@@ -368,7 +372,7 @@ def metadata_writer(ckpt: Checkpoint, plan: list[PlannedTensor], qt: QT, mtp: bo
     w = gguf.GGUFWriter(None, ARCH, split_max_size=split_max_bytes)
     for p in plan:
         w.add_tensor(p.name, StreamedTensor(ckpt, p, factors if p.source is None else None), raw_dtype=p.qtype)
-    _general_metadata(w, ckpt.dir, model_name)  # counts the parameters of the tensors added above
+    general_metadata(w, ckpt.dir, model_name)  # counts the parameters of the tensors added above
     add_model_metadata(w, ckpt.config, FILE_TYPES[qt], mtp)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok = add_tokenizer(w, ckpt.dir, ckpt.config.vocab_size)

@@ -7,6 +7,12 @@ own quantizer, the bytes `llama-quantize` (+ `llama-gguf-split`) would write fro
 tensor's type as read back from the written files) -> atomic rename of the folder. Each finished tensor is recorded
 in the temporary folder `.<name>.partial` (`convert.writer`), so the same command resumes where a kill stopped it.
 
+Step-3.7 (a vision tower in the checkpoint): the variant folder also holds `mmproj-<model>-F16.gguf`, the vision
+tower and projector as llama.cpp's converter writes them with `--mmproj` (`convert.gguf_mmproj`), planned with the
+text file(s) and written in the same pass; `llama-mtmd-cli -m <model>-<QTYPE>.gguf --mmproj mmproj-...` runs the
+pair. F16 whatever QTYPE: llama.cpp's releases pair every text quant with one F16 mmproj, and K/IQ types are not
+what its vision graph is validated with. The draft-only MTP folder has none (it pairs with a trunk folder).
+
 Draft-only MTP GGUF (`mtp_only`, llama.cpp's `convert_hf_to_gguf.py --mtp`): `OUT/<model>-GGUF-<QTYPE>-MTP/`
 holding `mtp-<model>-<QTYPE>.gguf` + `stepq.json`. A folder of its own because an artifact folder is one
 variant with one provenance file, and a draft pairs with a trunk of any type (a Q4_K_M trunk with a Q8_0
@@ -34,7 +40,9 @@ from convert.errors import BadInput
 from convert.executor import Executor, LocalExecutor
 from convert.ggml_quants import ggml_type
 from convert.gguf_export import GGUFExport, describe_gguf
-from convert.gguf_names import PlannedTensor
+from convert.gguf_mmproj import DEFAULT_TYPE as MMPROJ_TYPE
+from convert.gguf_mmproj import mmproj_metadata, mmproj_stem, plan_mmproj
+from convert.gguf_names import QT, PlannedTensor
 from convert.gguf_quantize import (
     Importance,
     QuantTensor,
@@ -103,7 +111,8 @@ def export_gguf(model_dir: str | Path, out_root: str | Path, qtype: str = "Q4_K_
         out_dir = variant_dir(model_dir, out_root, qtype, mtp_only)
         job = _Job(ckpt, qtype, recipe, imatrix if recipe is not None else None, mtp, mtp_only,
                    f"{'mtp-' if mtp_only else ''}{model_name(model_dir)}-{qtype}",
-                   max_shard_bytes or DEFAULT_SPLIT_BYTES)
+                   max_shard_bytes or DEFAULT_SPLIT_BYTES,
+                   mmproj_stem(model_dir, MMPROJ_TYPE) if ckpt.config.vision is not None and not mtp_only else None)
         source = source_id or str(model_dir)
         _export(job, out_dir, force, source, revision, t0, executor)
     finally:
@@ -120,11 +129,11 @@ def _export(job: _Job, out_dir: Path, force: bool, source: str, revision: str | 
         writer = stack.enter_context(ArtifactWriter(out_dir, force=force, resumable=True))
         if executor is None:
             executor = stack.enter_context(LocalExecutor(workers=default_workers()))
-        tensors, importance = _plan(job, writer)
+        tensors, mm_tensors, importance = _plan(job, writer)
         # the source shards' sha256 (stepq.json) on a thread, reading alongside the pass instead of after it
         hashes = source_hashes(writer, job.ckpt)
         stack.callback(hashes.close)
-        files = _write(job, writer, tensors, importance, executor)
+        files = _write(job, writer, tensors + mm_tensors, importance, executor)
         timings["convert_s"] = time.time() - t0
         exp = describe_gguf(job.ckpt, "BF16" if job.recipe else job.qtype, job.mtp, job.mtp_only)
         records = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
@@ -134,6 +143,9 @@ def _export(job: _Job, out_dir: Path, force: bool, source: str, revision: str | 
 
         prov = _provenance(job.ckpt, exp, job.recipe, job.qtype, files, records, sha256_of, source, revision,
                            timings)
+        if mm_tensors:
+            prov["mmproj"] = _mmproj_provenance(job, mm_tensors, files)
+            prov["source"]["files"].update(source_files(job.ckpt.dir, list(PREPROCESSOR_FILES), file_sha256))
         if job.imatrix is not None:
             prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
         writer.write_json("stepq.json", prov)
@@ -151,25 +163,32 @@ class _Job:
     mtp_only: bool
     stem: str  # output file name without .gguf
     split: int  # max bytes per file
+    mmproj_stem: str | None = None  # the vision tower's mmproj file (Step-3.7), without .gguf
 
 
-def _plan(job: _Job, writer: ArtifactWriter) -> tuple[list[QuantTensor], Importance | None]:
+def _plan(job: _Job, writer: ArtifactWriter) -> tuple[list[QuantTensor], list[QuantTensor], Importance | None]:
     """Every tensor's type and place -- as llama.cpp's converter writes a direct type, as llama-quantize (+
-    llama-gguf-split) lays out a K/IQ type --; the files are created (or an interrupted run's reopened). Types the
-    built ggml lacks and a missing imatrix a type needs are refused here, before anything is written."""
+    llama-gguf-split) lays out a K/IQ type, the mmproj as the converter writes it --; the files are created (or an
+    interrupted run's reopened). Types the built ggml lacks and a missing imatrix a type needs are refused here,
+    before anything is written. -> (text tensors, mmproj tensors, importance)."""
+    mm_tensors, mm_files = [], []
+    if job.mmproj_stem is not None:
+        mm_tensors = [QuantTensor(p, p.qtype) for p in plan_mmproj(job.ckpt, MMPROJ_TYPE)]
+        mm_kv = mmproj_metadata(job.ckpt, [t.p for t in mm_tensors], MMPROJ_TYPE)
+        mm_files = plan_converter_files(job.mmproj_stem, mm_kv, mm_tensors, 0)  # the converter's default: one file
     if job.recipe is None:
         tensors = plan_direct(job.ckpt, job.qtype, job.mtp, job.mtp_only)
         kv, _tok = direct_metadata(job.ckpt, job.qtype, job.mtp, job.mtp_only)
-        writer.plan_files(plan_converter_files(job.stem, kv, tensors, job.split), kind="gguf")
-        return tensors, None
+        writer.plan_files(plan_converter_files(job.stem, kv, tensors, job.split) + mm_files, kind="gguf")
+        return tensors, mm_tensors, None
     tensors = plan_quantized(job.ckpt, job.recipe, job.mtp, job.mtp_only)
     for name in sorted({x.qtype.name for x in tensors}):
         ggml_type(name)
     importance = None if job.imatrix is None else Importance.from_stats(job.imatrix, job.ckpt, job.mtp)
     check_importance(tensors, importance)
     kv, _tok = quantized_metadata(job.ckpt, job.recipe, job.mtp, job.mtp_only, importance)
-    writer.plan_files(plan_quantized_files(job.stem, kv, tensors, job.split), kind="gguf")
-    return tensors, importance
+    writer.plan_files(plan_quantized_files(job.stem, kv, tensors, job.split) + mm_files, kind="gguf")
+    return tensors, mm_tensors, importance
 
 
 def _write(job: _Job, writer: ArtifactWriter, tensors: list[QuantTensor], importance: Importance | None,
@@ -200,6 +219,27 @@ def _write(job: _Job, writer: ArtifactWriter, tensors: list[QuantTensor], import
         log.info("resumed: %d of %d units reused from the interrupted run (tensors)", writer.reused_units,
                  len(tensors))
     return [writer.tmp / name for name in writer.shard_names]
+
+
+PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # image mean/std of the mmproj
+
+
+def _mmproj_provenance(job: _Job, mm_tensors: list[QuantTensor], files: list[Path]) -> dict:
+    """The mmproj file, its type and each tensor's source, type (read back from the file) and why."""
+    name = f"{job.mmproj_stem}.gguf"
+    actual = read_tensor_types([f for f in files if f.name == name])
+    tensors = {}
+    for t in mm_tensors:
+        if actual[t.p.name] != t.qtype.name:
+            raise RuntimeError(f"tensor {t.p.name}: planned {t.qtype.name}, the written mmproj has {actual[t.p.name]}")
+        reason = ("F32: 1-D, bias, norm or position embedding (llama.cpp's converter)" if t.qtype == QT.F32 else
+                  f"{MMPROJ_TYPE}: the mmproj's type" if t.qtype.name == MMPROJ_TYPE else
+                  "F16: rows do not fill the type's blocks (llama.cpp's converter falls back)")
+        tensors[t.p.name] = {"source": t.p.source, "role": t.p.role, "shape": list(t.p.shape), "type": t.qtype.name,
+                             "reason": reason}
+    return {"file": name, "type": MMPROJ_TYPE, "projector_type": "step3vl",
+            "tool": "gguf-py (identical to llama.cpp's convert_hf_to_gguf.py --mmproj)",
+            "run_with": f"llama-mtmd-cli -m <text gguf> --mmproj {name} --image <file>", "tensors": tensors}
 
 
 def read_tensor_types(files: list[Path]) -> dict[str, str]:
