@@ -273,7 +273,7 @@ def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, setting
 
     t0 = time.time()
     meta = stats.meta
-    data = load_calibration(ckpt.dir, meta["dataset"]["id"], meta["n"], meta["seq_len"], meta["seed"])
+    data = load_calibration(ckpt.dir, meta["dataset"]["id"], meta["n"], meta["seq_len"], meta["seed"], images=True)
     if data.dataset != meta["dataset"]:
         raise BadInput(f"{meta['dataset']['id']}: changed since the statistics {stats.path} were computed from it "
                        f"(recalibrate: stepq calibrate --force)")
@@ -286,7 +286,7 @@ def run_gptq(ckpt, units: list[Unit], layout, stats, folder, *, compute, setting
     checkpoints = LayerCheckpoints(folder)
     checkpoints.open(key, driver, force)
     stream_forward(ckpt, data.ids, driver, compute=compute, micro_batch_tokens=mbt, tmp_dir=str(checkpoints.dir),
-                   progress=progress, checkpoints=checkpoints)
+                   progress=progress, checkpoints=checkpoints, images=data.images)
     return key, {"settings": settings.to_dict(), "hessian_bytes": hessian_bytes, "compute": compute.label,
                  "forward_passes_per_layer": {str(k): v for k, v in sorted(driver.passes.items())},
                  "run_s": round(time.time() - t0, 3)}

@@ -119,7 +119,7 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
     try:
         micro_batch_tokens = micro_batch_tokens or micro_batch_tokens_for(ckpt.config, seq_len)
         source = model_fingerprint(model_dir)
-        data = load_calibration(model_dir, dataset, n, seq_len, seed)
+        data = load_calibration(model_dir, dataset, n, seq_len, seed, images=True)
         t_data = time.time()
         collector = StatsCollector(ckpt.config, all_experts=all_experts)
         checkpoints.open(run_key(source, data, all_experts, compute, spill_bytes, micro_batch_tokens),
@@ -128,7 +128,7 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         res = stream_forward(ckpt, data.ids, collector, compute=compute, spill_bytes=spill_bytes,
                              micro_batch_tokens=micro_batch_tokens, tmp_dir=str(checkpoints.dir),
                              progress=progress and sys.stderr.isatty(),  # bars on terminals, not in logs
-                             checkpoints=checkpoints)
+                             checkpoints=checkpoints, images=data.images)
         tensors, summary = collector.result()
     finally:
         ckpt.close()
@@ -143,6 +143,8 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         "stepq_version": stepq.__version__,
         "versions": versions("torch", "transformers"),
         "activations_on_disk": res.spilled,
+        **({"images": {"count": len(data.images.images), "vision_runs": res.vision_runs,
+                       "image_tokens": int((data.ids == data.images.image_token_id).sum())}} if data.images else {}),
         "timings": {"data_s": round(t_data - t0, 3), **{k: round(v, 3) for k, v in res.timings.items()},
                     "total_s": round(time.time() - t0, 3)},
         "peak_rss_mib": peak_rss_mib(),
