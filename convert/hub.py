@@ -22,6 +22,7 @@ ALLOW_PATTERNS = [
     "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "*.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "*.md",
+    "preprocessor_config.json", "processor_config.json",  # Step-3.7's image processor settings
 ]
 TOKENIZER_FILES = list(SIDE_FILES)
 LFS_BLOB = re.compile(r"[0-9a-f]{64}")  # the Hub cache names an LFS file's blob by its sha256
