@@ -19,6 +19,7 @@ any other type: ggml's conv kernels take F16 or F32).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import gguf
 from gguf.gguf_writer import GGUFValue
@@ -124,8 +125,29 @@ def plan_mmproj(ckpt: Checkpoint, outtype: str = DEFAULT_TYPE) -> list[PlannedTe
 
 def mmproj_metadata(ckpt: Checkpoint, plan: list[PlannedTensor], outtype: str = DEFAULT_TYPE,
                     name: str | None = None) -> list[tuple[str, GGUFValue]]:
-    """Every key of the mmproj file in the converter's order: general.* (the tensors' parameter count decides
-    size_label), then MmprojModel's and Step3VLVisionModel's clip.* keys, then the quantization version."""
+    """Every key of the mmproj file in the converter's order."""
+    return list(mmproj_writer(ckpt, plan, outtype, name).kv_data[0].items())
+
+
+def write_mmproj(ckpt: Checkpoint, out_file: str | Path, outtype: str = DEFAULT_TYPE) -> Path:
+    """The mmproj file alone, through gguf-py's writer (the export writes it in its one pass instead)."""
+    w = mmproj_writer(ckpt, plan_mmproj(ckpt, outtype), outtype)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        w.write_header_to_file(path=out_file)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+    finally:
+        w.close()
+    return out_file
+
+
+def mmproj_writer(ckpt: Checkpoint, plan: list[PlannedTensor], outtype: str = DEFAULT_TYPE,
+                  name: str | None = None) -> gguf.GGUFWriter:
+    """A gguf-py writer holding the plan's tensors (streamed when written) and every key in the converter's order:
+    general.* (the tensors' parameter count decides size_label), then MmprojModel's and Step3VLVisionModel's
+    clip.* keys, then the quantization version."""
     cfg, vision = ckpt.config, ckpt.config.vision
     raw = vision.raw
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
@@ -153,7 +175,7 @@ def mmproj_metadata(ckpt: Checkpoint, plan: list[PlannedTensor], outtype: str = 
     w.add_vision_projector_scale_factor(vision.projector_stride ** 2)
     w.add_vision_preproc_image_size(PREPROC_IMAGE_SIZE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return list(w.kv_data[0].items())
+    return w
 
 
 def _first(raw: dict, keys: list[str]):

@@ -19,8 +19,11 @@ MTP_PREDICT = 64
 
 
 def main_file(folder: Path) -> Path:
-    """The .gguf llama.cpp opens: the only file, or the first shard of a split."""
-    files = sorted(p for p in folder.glob("*.gguf"))
+    """The .gguf llama.cpp opens: the only file, or the first shard of a split (a Step-3.7 variant's vision
+    tower, `mmproj-*.gguf`, is not the model)."""
+    from convert.gguf_mmproj import is_mmproj
+
+    files = sorted(p for p in folder.glob("*.gguf") if not is_mmproj(p.name))
     if not files:
         raise FileNotFoundError(f"{folder}: no .gguf file")
     return files[0]
