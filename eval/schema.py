@@ -11,7 +11,10 @@ Schema `stepq.eval/1`. A measured value is a number; anything that could not be 
     source            {"model": id or path, "fingerprint": {...}}
     text              {"source": path or dataset id, "sha256", "sequences", "seq_len", "tokens"}
     accuracy          {"kld": {"mean", "median", "p99", "max"}, "top1", "ppl", "ppl_ref", "ppl_ratio",
-                       "mtp": [{"depth", "acceptance", "acceptance_ref", "ratio"}, ...] or {"not_measured"}}
+                       "mtp": [{"depth", "acceptance", "acceptance_ref", "ratio"}, ...] or {"not_measured"},
+                       "image" (Step-3.7 sources): {"kld", "top1", "ppl", "ppl_ref", "ppl_ratio", "positions",
+                       "set": {"source", "sha256", "samples", "images", "sequences", "seq_len", "image_tokens"}}
+                       over the text positions of an image set (`--dataset` naming images), or {"not_measured"}}
     weights           {"per_layer": [{"layer", "sqnr_db"}], "per_expert": [{"layer", "expert", "sqnr_db"}],
                        "per_role": {role: sqnr_db}} or {"not_measured"}   (safetensors variants)
     expert_load       {layer: [fraction of routed tokens per expert]} from calibration, or {"not_measured"}

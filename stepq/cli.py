@@ -183,7 +183,9 @@ def _cmd_eval(args) -> int:
 def _add_calibration_args(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("calibration (schemes with static activation scales)")
     g.add_argument("--dataset", help="local .jsonl/.json/.parquet/.txt file or folder, or a Hub dataset id "
-                                      "(default: the bundled held-out text for the fixture, ultrachat for real models)")
+                                      "(default: the bundled held-out text for the fixture, ultrachat for real models); "
+                                      "Step-3.7: image + text samples, a .jsonl of {image, text} rows or a folder of "
+                                      "image + .txt pairs")
     g.add_argument("--num-samples", type=int, help="N calibration sequences")
     g.add_argument("--seq-len", type=int, help="L tokens per sequence")
     g.add_argument("--seed", type=int, default=0)
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--out", default="out", help="where the BF16 reference outputs are cached (OUT/<model>-evalref/)")
     s.add_argument("--dataset", help="held-out text: local file or Hub dataset id (default: the fixture's eval.txt, "
-                                      "ultrachat test_sft for real models)")
+                                      "ultrachat test_sft for real models); an image set (Step-3.7) adds "
+                                      "image-conditioned figures, the text ones then use the default text")
     s.add_argument("--num-samples", type=int, help="N eval sequences")
     s.add_argument("--seq-len", type=int, help="L tokens per sequence")
     s.add_argument("--seed", type=int, default=0)
