@@ -339,6 +339,11 @@ def _image_folder(path: Path, visible: list[Path]) -> Source:
     return Source(str(path), sorted(files), samples=samples)
 
 
+def is_image_set(dataset: str) -> bool:
+    """A local dataset whose samples name images (a Hub id, or a path that does not open, is not)."""
+    return _image_sample_count(dataset) > 0
+
+
 def _image_sample_count(dataset: str) -> int:
     """How many samples an image set has (0: not a local image set)."""
     try:

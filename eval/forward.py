@@ -125,15 +125,18 @@ def _experts_forward(fqs):
     return forward
 
 
-def source_forward(source: Checkpoint, ids: torch.Tensor, heads, progress: bool = True, compute=None) -> None:
-    """The source's trunk and MTP logits handed to `heads` (a `calib.stream.HeadSink`), a block at a time."""
-    stream_forward(source, ids, heads=heads, progress=progress, compute=compute)
+def source_forward(source: Checkpoint, ids: torch.Tensor, heads, progress: bool = True, compute=None,
+                   images=None) -> None:
+    """The source's trunk and MTP logits handed to `heads` (a `calib.stream.HeadSink`), a block at a time. `images`:
+    an image set's features at the image-token positions (calib.data.CalibData.images)."""
+    stream_forward(source, ids, heads=heads, progress=progress, compute=compute, images=images)
 
 
 def artifact_forward(source: Checkpoint, artifact: str | Path, ids: torch.Tensor, heads,
-                     progress: bool = True, compute=None) -> list[str]:
-    """The artifact's logits handed to `heads` -> the modules whose inputs were quantized."""
-    return _artifact_stream(source, artifact, ids, progress, compute, heads=heads)[1]
+                     progress: bool = True, compute=None, images=None) -> list[str]:
+    """The artifact's logits handed to `heads` -> the modules whose inputs were quantized. With `images`, the vision
+    tower is the artifact's own (kept BF16 by every scheme)."""
+    return _artifact_stream(source, artifact, ids, progress, compute, heads=heads, images=images)[1]
 
 
 def _artifact_stream(source: Checkpoint, artifact: str | Path, ids: torch.Tensor, progress: bool, compute,
@@ -148,16 +151,17 @@ def _artifact_stream(source: Checkpoint, artifact: str | Path, ids: torch.Tensor
     return res, quantizer.hooked
 
 
-def source_outputs(source: Checkpoint, ids: torch.Tensor, progress: bool = True, compute=None) -> Outputs:
+def source_outputs(source: Checkpoint, ids: torch.Tensor, progress: bool = True, compute=None,
+                   images=None) -> Outputs:
     """Every logit in memory (the tests, on the fixture): `source_forward` is what the eval runs."""
-    res = stream_forward(source, ids, keep_outputs=True, progress=progress, compute=compute)
+    res = stream_forward(source, ids, keep_outputs=True, progress=progress, compute=compute, images=images)
     return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits])
 
 
 def artifact_outputs(source: Checkpoint, artifact: str | Path, ids: torch.Tensor,
-                     progress: bool = True, compute=None) -> tuple[Outputs, list[str]]:
+                     progress: bool = True, compute=None, images=None) -> tuple[Outputs, list[str]]:
     """-> (every logit in memory, the modules whose inputs were quantized); the tests' `artifact_forward`."""
-    res, hooked = _artifact_stream(source, artifact, ids, progress, compute, keep_outputs=True)
+    res, hooked = _artifact_stream(source, artifact, ids, progress, compute, keep_outputs=True, images=images)
     return Outputs(res.logits.float(), [m.float() for m in res.mtp_logits]), hooked
 
 

@@ -7,6 +7,11 @@ engine's input quantization; GGUF: llama.cpp), compared with the reference a blo
 per-position figures only (`eval.metrics.PositionSink`) -> KLD / top-1 / PPL / MTP acceptance -> weight error ->
 lm-eval tasks -> speed and engine checks -> the report dict.
 
+With an image set (`--dataset` naming images, calib.data; a Step-3.7 source), the text figures still come from the
+default held-out text, and the image set gets its own reference and variant forwards (the vision tower's features
+at the image-token positions, calib.stream): `accuracy.image` is the image-conditioned KLD / top-1 / PPL over its
+text positions (those predicting a text token; a placeholder token is the processor's, not the model's, choice).
+
 Resume: the expensive parts (the artifact's per-position figures, weight error, engine check, llama.cpp runs, tasks)
 are kept as they finish in the eval's partial folder, keyed by the artifact's files, the source, the tokens, the
 settings they depend on and the code's versions (`convert.ledger`); a killed eval re-run skips them.
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from calib.data import FIXTURE_DATA, defaults_for, load_calibration, load_tokenizer
+from calib.data import FIXTURE_DATA, CalibData, defaults_for, is_image_set, load_calibration, load_tokenizer
 from convert.checkpoint import Checkpoint
 from convert.config import model_name
 from convert.errors import BadInput
@@ -57,12 +62,22 @@ def _is_fixture(model_dir: Path) -> bool:
 
 def eval_text(model_dir: Path, dataset: str | None, n: int | None, seq_len: int | None, seed: int):
     d = FIXTURE_EVAL if _is_fixture(model_dir) else MODEL_EVAL
+    if dataset and is_image_set(dataset):  # the text figures from the default text; the image set's are separate
+        dataset, n, seq_len = None, None, None
     return load_calibration(model_dir, dataset or d[0], n or d[1], seq_len or d[2], seed)
+
+
+def eval_images(model_dir: Path, dataset: str | None, n: int | None, seq_len: int | None,
+                seed: int) -> CalibData | None:
+    """The image set's windows and features (N, L: as given, else calibration's defaults), or None without one."""
+    if not (dataset and is_image_set(dataset)):
+        return None
+    return load_calibration(model_dir, dataset, n, seq_len, seed, images=True)
 
 
 def dataset_label(model_dir: Path, dataset: str | None) -> str:
     """The eval text as the user named it (or the default's name): reports and cards never carry a local path."""
-    if dataset:
+    if dataset and not is_image_set(dataset):
         return str(dataset)
     return f"{FIXTURE_TEXT.parent.name}/{FIXTURE_TEXT.name} (bundled)" if _is_fixture(model_dir) else MODEL_EVAL[0]
 
@@ -90,11 +105,12 @@ def _source_key(source: Checkpoint, ids: torch.Tensor) -> str:
     return digest({"model": model_fingerprint(source.dir), "ids": _ids_sha(ids)})[:16]
 
 
-def _reference_key(source: Checkpoint, ids: torch.Tensor, compute) -> str:
+def _reference_key(source: Checkpoint, ids: torch.Tensor, compute, images: dict | None = None) -> str:
     """The source and tokens, and the code computing the reference (the forward is transformers' Step-3.5 layers)
-    and where: the device kind and dtypes round differently."""
+    and where: the device kind and dtypes round differently. `images`: an image set's fingerprint (its files)."""
     return digest({"source": _source_key(source, ids), "forward": versions("stepq", "torch", "transformers"),
-                   "compute": {**compute.label, "device": compute.device.type}, "stored": REFERENCE_FORMAT})[:16]
+                   "compute": {**compute.label, "device": compute.device.type}, "stored": REFERENCE_FORMAT,
+                   **({"images": images["sha256"]} if images else {})})[:16]
 
 
 class _Stages:
@@ -146,7 +162,7 @@ def _hardware() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "gpu": gpu}
 
 
-def _expert_load(model_dir: Path, out_root: Path) -> dict:
+def _expert_load(model_dir: Path, out_root: Path, trunk_layers: int) -> dict:
     """Routed-token share per expert from this source's calibration statistics (`stepq calibrate`), else not
     measured."""
     from calib.stats import CalibStats
@@ -156,7 +172,7 @@ def _expert_load(model_dir: Path, out_root: Path) -> dict:
         return not_measured("no calibration statistics for this source (run `stepq calibrate`)")
     stats = CalibStats.load(path)
     out = {}
-    for layer in range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]):
+    for layer in range(trunk_layers):  # config.json's own count sits in text_config on Step-3.7
         try:
             load = stats.expert_load(layer).double()
         except (KeyError, BadInput):
@@ -172,6 +188,7 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
     user gave it (None: the default eval text)."""
     t = time.time()
     text = eval_text(model_dir, dataset, n, seq_len, seed)
+    images = eval_images(model_dir, dataset, n, seq_len, seed)
     stages = _Stages(partial, {"artifact": files_before, "source": _source_key(source, text.ids),
                                "versions": versions(*EVAL_TOOLS),
                                "compute": {**compute.label, "device": compute.device.type}})
@@ -221,6 +238,11 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
         timings["engine_check_s"] = time.time() - t
     accuracy = token_figures(q, ref.nll)
     accuracy["mtp"] = mtp
+    if images is not None or getattr(source.config, "vision", None) is not None:
+        t = time.time()
+        accuracy["image"] = _image_accuracy(artifact, model_dir, out_root, source, images, is_gguf, stages, progress,
+                                            compute)
+        timings["images_s"] = time.time() - t
 
     t = time.time()
     _, task_part = stages.run("tasks", {"tasks": tasks, "limit": task_limit}, lambda: (
@@ -243,7 +265,7 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
                  "seq_len": text.seq_len, "tokens": text.n * text.seq_len},
         "accuracy": accuracy,
         "weights": weights,
-        "expert_load": _expert_load(model_dir, out_root),
+        "expert_load": _expert_load(model_dir, out_root, source.config.num_trunk_layers),
         "tasks": task_part,
         "speed": speed_part,
         "engines": engines,
@@ -252,6 +274,46 @@ def measure(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint,
         "compute": compute.label,
         "timings": timings,
     }
+
+
+def _image_accuracy(artifact: Path, model_dir: Path, out_root: Path, source: Checkpoint, images: CalibData | None,
+                    is_gguf: bool, stages: _Stages, progress: bool, compute) -> dict:
+    """Image-conditioned figures: the BF16 reference and the variant on the image set, compared at its text
+    positions."""
+    if images is None:
+        return not_measured("no image set (--dataset naming images)")
+    if is_gguf:
+        return not_measured("GGUF: llama.cpp is measured on token ids; image inputs need its mmproj (llama-mtmd)")
+    ids, rows = images.ids, images.images
+    ref = reference_outputs(source, ids, out_root / f"{model_name(model_dir)}-evalref",
+                            _reference_key(source, ids, compute, images.dataset), progress, compute, rows)
+
+    def streamed():
+        sink = PositionSink(ref.logprobs, ids, depths=len(ref.drafts))
+        forward.artifact_forward(source, artifact, ids, sink, progress, compute, rows)
+        return sink.positions().as_tensors(), None
+    tensors, _ = stages.run("forward_images", {"stored": REFERENCE_FORMAT, "images": images.dataset["sha256"],
+                                               "ids": _ids_sha(ids)}, streamed)
+    q = Positions.from_tensors(tensors)
+    text = text_positions(ids, placeholder_token_ids(model_dir))
+    figures = token_figures(Positions(q.kl[:, :-1][text], q.top1[:, :-1][text], q.nll[text], q.greedy, []),
+                            ref.nll[text])
+    return {**figures, "set": {"source": images.dataset["id"], "sha256": _ids_sha(ids),
+                               "samples": len({r.where for r in rows.images}),
+                               "images": len(rows.images), "sequences": images.n, "seq_len": images.seq_len,
+                               "image_tokens": int((ids == rows.image_token_id).sum())}}
+
+
+def placeholder_token_ids(model_dir: Path) -> list[int]:
+    from calib.images import PLACEHOLDER_TOKENS
+
+    tok = load_tokenizer(model_dir)
+    return [tok.convert_tokens_to_ids(t) for t in PLACEHOLDER_TOKENS]
+
+
+def text_positions(ids: torch.Tensor, placeholders: list[int]) -> torch.Tensor:
+    """[N, T-1] bool: positions whose next token is text (the last position has no next token)."""
+    return ~torch.isin(ids[:, 1:], torch.tensor(placeholders))
 
 
 def safetensors_speed(artifact: Path, speed: bool = True) -> dict:

@@ -132,8 +132,9 @@ def _drop_abandoned(cache_dir: Path) -> None:
 
 
 def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, key: str, progress: bool,
-                      compute) -> Reference:
-    """The reference outputs of `source` on `ids` from `cache_dir/key/`, computed first when missing or damaged."""
+                      compute, images=None) -> Reference:
+    """The reference outputs of `source` on `ids` from `cache_dir/key/`, computed first when missing or damaged.
+    `images`: an image set's features at the image-token positions (then `key` must cover the images too)."""
     from eval.forward import source_forward
 
     folder = cache_dir / key
@@ -160,7 +161,7 @@ def reference_outputs(source: Checkpoint, ids: torch.Tensor, cache_dir: Path, ke
         except OSError as e:
             raise WriteFailed(f"{e.filename or tmp}: cannot write the BF16 reference outputs ({e.strerror})") from e
         sink = ReferenceSink(logprobs, ids, depths)
-        source_forward(source, ids, sink, progress, compute)
+        source_forward(source, ids, sink, progress, compute, images)
         try:
             logprobs.flush()
             save_file({k: v.contiguous() for k, v in sink.tensors().items()}, tmp / POSITIONS)

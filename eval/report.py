@@ -40,6 +40,8 @@ def render_markdown(r: dict) -> str:
                              f"({_fmt(m['acceptance_ref'])}) / {_fmt(m['ratio'])} |")
         else:
             lines.append(f"| MTP acceptance | {_fmt(mtp)} |")
+        if "image" in acc:
+            lines += _image_rows(acc["image"])
     else:
         lines.append(f"| all | {_fmt(acc)} |")
     lines += ["", "## Tasks", ""]
@@ -76,6 +78,20 @@ def render_markdown(r: dict) -> str:
     lines += ["", f"Measured on {hw.get('cpu')} ({hw.get('cores')} cores, {hw.get('ram_gib')} GiB RAM, "
               f"GPU: {hw.get('gpu') or 'none'}); `stepq eval` took {r['timings'].get('total_s', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _image_rows(im: dict) -> list[str]:
+    """accuracy.image: the image-conditioned figures (text positions of the image set's windows)."""
+    if not is_measured(im):
+        return [f"| image-conditioned KLD | {_fmt(im)} |"]
+    k, st = im["kld"], im["set"]
+    where = (f"{im['positions']} text positions of {st['sequences']} × {st['seq_len']} windows with {st['images']} "
+             f"images, `{st['source']}`")
+    return [f"| image-conditioned KLD mean / median / p99 / max (nats; {where}) | {_fmt(k['mean'])} / "
+            f"{_fmt(k['median'])} / {_fmt(k['p99'])} / {_fmt(k['max'])} |",
+            f"| image-conditioned top-1 agreement | {_fmt(im['top1'])} |",
+            f"| image-conditioned PPL ratio (perplexity, BF16) | {_fmt(im['ppl_ratio'])} ({_fmt(im['ppl'])}, "
+            f"{_fmt(im['ppl_ref'])}) |"]
 
 
 def write_plots(r: dict, eval_dir: Path) -> list[str]:
