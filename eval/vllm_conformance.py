@@ -4,11 +4,17 @@ Host side. vLLM lives in a separate venv (`make vllm-env`, outside the repo, cac
 transformers and compressed-tensors differently from stepq; `eval/vllm_runner.py` runs there as a subprocess and
 prints one JSON object, which `verify_vllm` returns:
 
-    {"ok": bool, "artifact", "vllm", "torch", "overrides": [...], "problems": [...],
+    {"ok": bool, "artifact", "vllm", "torch", "overrides": [...], "hf_overrides": {...}, "problems": [...],
      "trunk": {"ok", "class", "quant_method", "params", "float_params", "int_params", "elements",
+               "parts": {top-level module: {"params", "int_params", "fp8_params", "quant_params"}},
                "exempt_params", "checkpoint_tensors_seen", "skipped_tensors": [...], "problems": [...],
                "warnings": [...], "vllm_log_warnings": [...], "seconds"},
      "mtp": {... the same for Step3p5MTP ...}}
+
+The trunk is `Step3p5ForCausalLM` for Step-3.5 and `Step3p7ForConditionalGeneration` (vision tower, projector and
+language model) for Step-3.7; the drafter is `Step3p5MTP` for both. `hf_overrides` is what the load needed on top
+of the artifact's config.json (Step-3.7: the vision config names vLLM's Perception Encoder reads, which
+transformers' config class renames); a user passes the same with `--hf-overrides`.
 
 `problems` are failures (unwritten parameters, tensors vLLM skipped, exceptions); `warnings` are what vLLM's
 post-load processing would warn about (e.g. gate/up global scales that differ); `vllm_log_warnings` are the
@@ -104,6 +110,8 @@ def summary(report: dict) -> str:
         lines.append(head)
         lines += [f"        problem: {p}" for p in r.get("problems", [])]
         lines += [f"        warning: {w}" for w in r.get("warnings", [])]
+    if report.get("hf_overrides"):
+        lines.append(f"  vLLM needs --hf-overrides '{json.dumps(report['hf_overrides'], separators=(',', ':'))}'")
     lines += [f"  problem: {p}" for p in report.get("problems", [])]
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 import torch  # noqa: E402
 
 FLOAT_SENTINEL = float("nan")
@@ -74,6 +75,87 @@ def _patch(modules: list[str], name: str, replacement) -> None:
         setattr(importlib.import_module(mod), name, replacement)
 
 
+SHIMS = Path(__file__).resolve().parent / "vllm_shims"
+SHIMMED_IMPORTERS = ("vllm.transformers_utils.processors.step3_vl",)
+
+
+def _torchvision_importable() -> bool:
+    """PyPI's torchvision is a CUDA build: beside a CPU torch its ops library does not load and the import fails."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        return False
+    return True
+
+
+def install_torchvision_shim() -> list[str]:
+    """vLLM's Step-3.7 model module imports its Step-3 VL image processor, which imports torchvision.transforms at
+    module level. The load check never preprocesses an image, so where torchvision cannot be imported those
+    modules are imported once against the shim in eval/vllm_shims (every name raises when used). The shim is in
+    sys.modules only while they import: transformers must keep seeing no torchvision (it would take its
+    torchvision code paths). vLLM inspects a model class in a child process only to keep CUDA out of the parent,
+    which is moot on CPU, so that is done in-process, where the shimmed modules are already imported."""
+    import importlib
+    import importlib.util
+
+    import transformers.image_utils  # noqa: F401  (decides torchvision's absence before the shim exists)
+    from vllm.model_executor.models import registry
+
+    if _torchvision_importable():
+        return []
+    added = []
+    try:
+        for name in ("torchvision", "torchvision.transforms.functional", "torchvision.transforms"):
+            parts = name.split(".")
+            path = SHIMS.joinpath(*parts[:-1], parts[-1] + ".py")
+            if not path.is_file():
+                path = SHIMS.joinpath(*parts, "__init__.py")
+            spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=(
+                [str(path.parent)] if path.name == "__init__.py" else None))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            added.append(name)
+            spec.loader.exec_module(module)
+        for importer in SHIMMED_IMPORTERS:
+            importlib.import_module(importer)
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    registry._run_in_subprocess = lambda fn: fn()
+    return [("torchvision: vLLM's Step-3 VL image processor imported against an import shim (eval/vllm_shims; no "
+             "image is preprocessed by a load; PyPI's CUDA torchvision does not import beside CPU torch)"),
+            "model class inspection: in-process (vLLM uses a child process only to keep CUDA out of the parent)"]
+
+
+def install_text_config_override() -> str:
+    """vLLM 0.33.0's `get_hf_text_config` checks a multimodal model's text config with
+    `hasattr(text_config, "num_attention_heads")`. Step-3.7's text config (transformers' Step3p7TextConfig, 5.17
+    to 5.20 alike) gives the sliding layers their own head count (`attention_other_setting`) as a per-layer
+    override, so that read raises AmbiguousGlobalPerLayerAttributeError (a RuntimeError, which hasattr lets
+    through) and no Step-3.7 ModelConfig can be built at all, whatever the weights. The same presence check is
+    kept, made through the per-layer view; everything after it (vLLM's per-layer arch config, step3p5.py's
+    per-layer head counts) already reads the heterogeneous config correctly. Not an artifact problem."""
+    import vllm.transformers_utils.config as tu_config
+
+    orig = tu_config.get_hf_text_config
+
+    def get_hf_text_config(config):
+        text_config = config.get_text_config()
+        if text_config is config or not getattr(text_config, "is_heterogeneous", False):
+            return orig(config)
+        layers = text_config.per_layer_config
+        if not len(layers) or not all(hasattr(layers[i], "num_attention_heads") for i in range(len(layers))):
+            return orig(config)  # vLLM's own error
+        return text_config
+
+    _patch(["vllm.transformers_utils.config", "vllm.config.model", "vllm.config.speculative"],
+           "get_hf_text_config", get_hf_text_config)
+    return ("get_hf_text_config: the text config's num_attention_heads checked per layer (a heterogeneous "
+            "Step-3.7 text config raises on the global read)")
+
+
 def install_cpu_overrides() -> list[str]:
     """Let vLLM build quantized layers on a CPU-only machine. Parameter creation and weight loading stay vLLM's
     own: only which kernel class a layer is given (and only where vLLM finds none for the CPU), and the
@@ -84,7 +166,7 @@ def install_cpu_overrides() -> list[str]:
     import vllm.model_executor.model_loader.base_loader as base_loader
     import vllm.model_executor.model_loader.utils as loader_utils
 
-    applied = []
+    applied = [install_text_config_override(), *install_torchvision_shim()]
 
     # Unquantized fused MoE: vLLM's CPU experts do not implement Step-3.5's "swiglustep" activation (layers with a
     # routed swiglu limit), so the backend choice raises on CPU. Use the portable CPU experts class; the layer's
@@ -139,6 +221,22 @@ def install_cpu_overrides() -> list[str]:
             "vllm.model_executor.layers.quantization.modelopt"], "select_nvfp4_moe_backend",
            _with_fallback(nvfp4_oracle.select_nvfp4_moe_backend, nvfp4_moe_emulation, note))
     applied.append(note)
+
+    # Quick GELU (Step-3.7's vision tower): on a CPU platform the layer binds vLLM's compiled `_C.gelu_quick`
+    # (used on POWER only; x86 runs forward_native), which this CUDA wheel does not ship for CPU. No parameters.
+    import vllm.model_executor.layers.activation as act
+
+    quick_gelu_init = act.QuickGELU.__init__
+
+    def quick_gelu_without_op(self):
+        try:
+            quick_gelu_init(self)  # CustomOp.__init__ has run when the op lookup raises
+        except AttributeError:
+            FALLBACKS_USED[note_gelu] = FALLBACKS_USED.get(note_gelu, 0) + 1
+
+    note_gelu = "QuickGELU: no compiled op bound (x86 CPU runs its native forward)"
+    act.QuickGELU.__init__ = quick_gelu_without_op
+    applied.append(note_gelu)
 
     # The repacking after loading (process_weights_after_loading) converts the loaded tensors for the kernels
     # above, which this wheel cannot run on CPU; the loaded tensors are what is checked, so stop right after
@@ -282,6 +380,25 @@ def post_load_warnings(model: torch.nn.Module) -> list[str]:
     return out
 
 
+QUANT_PARAM = re.compile(r"(scale|zero_point)(_inv)?$|weight_packed$")
+
+
+def parts_of(params) -> dict[str, dict[str, int]]:
+    """Per top-level submodule (`vision_model`, `vit_large_projector`, `language_model`; `model`, `lm_head` for a
+    text-only model): how many parameters vLLM built, how many are integer (packed FP4) or FP8, and how many are
+    quantization scales. A module vLLM built unquantized has none of the last three; every one of them was
+    checked against its sentinel like the rest."""
+    parts: dict[str, dict[str, int]] = {}
+    for name, p in params:
+        part = parts.setdefault(name.split(".", 1)[0], {"params": 0, "int_params": 0, "fp8_params": 0,
+                                                         "quant_params": 0})
+        part["params"] += 1
+        part["int_params"] += not p.is_floating_point()
+        part["fp8_params"] += p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        part["quant_params"] += bool(QUANT_PARAM.search(name)) and not OPTIONAL_PARAM.search(name)
+    return parts
+
+
 def load_one(vllm_config, model_config, owns) -> dict:
     """Build and load one model; `owns(name)` says which checkpoint tensors this model must consume (the trunk
     skips the MTP layers, the drafter everything else)."""
@@ -325,6 +442,7 @@ def load_one(vllm_config, model_config, owns) -> dict:
         result["float_params"] = sum(p.is_floating_point() for _, p in params)
         result["int_params"] = len(params) - result["float_params"]
         result["elements"] = sum(p.numel() for _, p in params)
+        result["parts"] = parts_of(params)
         exempt = weight_only_activation_scales(model)
         result["exempt_params"] = len(exempt)
         for name, p in params:
@@ -356,6 +474,25 @@ def load_one(vllm_config, model_config, owns) -> dict:
     return result
 
 
+# vLLM 0.33.0's PerceptionEncoder (Step-3.7's vision tower, step_vl.py) reads the checkpoint's own vision_config
+# names, but the config it gets is transformers' Step3p7VisionConfig, which pops them into its own names while
+# parsing: without these the model cannot be built (`'Step3p7VisionConfig' object has no attribute 'width'`).
+# A user passes the same values with `--hf-overrides '{"vision_config": {...}}'`; the report carries them.
+PERCEPTION_ENCODER_NAMES = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                            "ls_init_value": "layer_scale_init_value"}
+
+
+def vision_hf_overrides(config: dict) -> dict:
+    """`hf_overrides` giving vLLM's PerceptionEncoder the vision config names transformers renamed, with the
+    artifact's own values (either spelling in config.json); {} for a model without a Perception Encoder."""
+    vision = config.get("vision_config")
+    if "Step3p7ForConditionalGeneration" not in (config.get("architectures") or []) or not isinstance(vision, dict):
+        return {}
+    values = {ours: vision.get(ours, vision.get(theirs)) for ours, theirs in PERCEPTION_ENCODER_NAMES.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    return {"vision_config": values} if values else {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -368,12 +505,14 @@ def check(artifact: Path) -> dict:
                              set_current_vllm_config)
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
+    hf_overrides = vision_hf_overrides(json.loads((artifact / "config.json").read_text()))
     report = {"artifact": str(artifact), "vllm": vllm.__version__, "torch": torch.__version__, "ok": False,
-              "overrides": install_cpu_overrides(), "trunk": None, "mtp": None, "problems": []}
+              "overrides": install_cpu_overrides(), "hf_overrides": hf_overrides, "trunk": None, "mtp": None,
+              "problems": []}
 
     def configs(spec: bool):
         mc = ModelConfig(model=str(artifact), tokenizer=str(artifact), skip_tokenizer_init=True, dtype="bfloat16",
-                         enforce_eager=True, max_model_len=512)
+                         enforce_eager=True, max_model_len=512, hf_overrides=hf_overrides)
         kwargs = {}
         if spec:
             kwargs["speculative_config"] = SpeculativeConfig(method="step3p5_mtp", num_speculative_tokens=1,
@@ -394,7 +533,7 @@ def check(artifact: Path) -> dict:
         report["problems"].append(f"config: {one_line(e)}")
         return report
 
-    n_layers = trunk_cfg.model_config.hf_config.num_hidden_layers
+    n_layers = trunk_cfg.model_config.hf_text_config.num_hidden_layers
 
     def in_mtp_layer(name: str) -> bool:
         m = LAYER.match(name)
