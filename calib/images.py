@@ -14,8 +14,10 @@ the same):
 The image processor cannot run here: it is built on transformers' torchvision backend, and torchvision cannot be
 installed beside this CPU build of torch. So stepq preprocesses with PIL: the patch plan is transformers' own pure
 `Step3p7ImageProcessor._plan_patches`; resizes are PIL bilinear on 8-bit RGB, as transformers' PIL backend
-(`image_transforms.resize`) does them, which the tests check bit for bit. torchvision's antialiased bilinear resize
-approximates PIL's (to about one level of 255) but was not measured against, for the reason above.
+(`image_transforms.resize`) does them, and the normalisation is the torchvision backend's arithmetic (mean and std
+fused with the 1/255 rescale, float32), both checked bit for bit in the tests. The one step not measured against
+the processor is torchvision's own antialiased bilinear resize (the library that could not be installed), which
+approximates PIL's to about one level of 255.
 
 The vision tower is transformers' `Step3p7VisionModel` with the projector as an `nn.Linear`, given the checkpoint's
 `vision_model.*` / `vit_large_projector.*` tensors only (never the 400 GB whole model). transformers renames those
@@ -154,13 +156,18 @@ def _resize(im, wh: tuple[int, int]):
     return im if im.size == tuple(wh) else im.resize(tuple(wh), resample=Image.BILINEAR)
 
 
+def fused_mean_std(pre: Preprocessor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std on the 0..255 scale, as the processor's torchvision backend fuses the rescale into them
+    (`_fuse_mean_std_and_rescale_factor`: float32 tensors times 1 / rescale_factor)."""
+    return torch.tensor(pre.mean) * (1.0 / pre.rescale_factor), torch.tensor(pre.std) * (1.0 / pre.rescale_factor)
+
+
 def _normalise(ims: list, pre: Preprocessor) -> torch.Tensor:
-    """8-bit RGB images of one size -> [n, 3, H, W] float32: x * rescale_factor, then (x - mean) / std."""
-    x = np.stack([np.asarray(im, dtype=np.float32) for im in ims]).transpose(0, 3, 1, 2) * np.float32(
-        pre.rescale_factor)
-    mean = np.asarray(pre.mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(pre.std, dtype=np.float32)[None, :, None, None]
-    return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
+    """8-bit RGB images of one size -> [n, 3, H, W] float32, (x - mean') / std' with the fused mean' and std'
+    (torchvision's normalize: a subtraction, then a division)."""
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2).to(torch.float32)
+    mean, std = fused_mean_std(pre)
+    return ((x - mean[None, :, None, None]) / std[None, :, None, None]).contiguous()
 
 
 @dataclass
