@@ -156,7 +156,7 @@ def mmproj_writer(ckpt: Checkpoint, plan: list[PlannedTensor], outtype: str = DE
     general_metadata(w, ckpt.dir, name, gguf.GGUFType.MMPROJ)
 
     width = raw.get("hidden_size") or raw.get("width") or 0
-    ffn = raw.get("intermediate_size") or int(round(width * float(raw.get("mlp_ratio", 8960 / 1536))))
+    ffn = raw.get("intermediate_size") or round(width * float(raw.get("mlp_ratio", 8960 / 1536)))
     pre = _preprocessor(ckpt)
     w.add_file_type(FILE_TYPES[outtype.upper()])
     w.add_clip_has_vision_encoder(True)
