@@ -62,6 +62,7 @@ quant-nvfp4: $(STAMP)
 # quant-gguf: QTYPE=Q4_K_M (default); IMATRIX=1 quantizes with stepq's calibration (required by IQ2_XXS, IQ2_XS,
 # IQ2_S, IQ2_M, IQ3_XXS, IQ1_S, IQ1_M); NO_MTP=1 drops the MTP head; MTP_ONLY=1 writes only the MTP draft
 # (out/<model>-GGUF-<QTYPE>-MTP/mtp-<model>-<QTYPE>.gguf) for llama.cpp's --spec-draft-model beside a NO_MTP=1 trunk.
+# Step-3.7: the folder also holds mmproj-<model>-F16.gguf, the vision tower and projector (llama-mtmd-cli --mmproj).
 quant-gguf: $(STAMP) llama-cpp
 	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(NO_MTP),--no-mtp) $(if $(MTP_ONLY),--mtp-only) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET)))
 
