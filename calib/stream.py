@@ -311,9 +311,11 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     else:
         done, x = -1, new(seq_len)
         embedder = ImageEmbedder(images, ckpt, dev, dtype) if images is not None else None
-        for b in range(0, n_seq, bsz):
-            e = F.embedding(ids[rows(b)], embed).to(dtype)
-            x[rows(b)] = embedder.scatter(b, ids[rows(b)], e) if embedder else e
+        with _Progress(n_seq * seq_len, "embed + vision tower", progress and embedder is not None) as bar:
+            for b in range(0, n_seq, bsz):
+                e = F.embedding(ids[rows(b)], embed).to(dtype)
+                x[rows(b)] = embedder.scatter(b, ids[rows(b)], e) if embedder else e
+                bar.update((rows(b).stop - b) * seq_len)
         if embedder:
             res.vision_runs = embedder.runs
             embedder.close()

@@ -340,3 +340,20 @@ def test_a_bad_image_exits_2_naming_the_sample_writes_nothing(command, bad_set, 
     assert not out.exists() or sorted(out.rglob("*")) == []
     if command == "eval":
         assert not (art / "eval").exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_text_only_calibration_of_step37_is_step35s(tmp_path):
+    """Text calibration works on Step-3.7 as before: the same text stack on the same text gives the Step-3.5
+    fixture's statistics exactly (the six image tokens' rows are never looked up)."""
+    from calib.stats import CalibStats
+
+    stats = []
+    for model in (STEP37_FIXTURE, BUNDLED_FIXTURE):
+        assert main(["calibrate", str(model), "--num-samples", "4", "--seq-len", "64", "--out", str(tmp_path),
+                     "--device", "cpu", "--dtype", "float32"]) == 0
+        stats.append(CalibStats.load(tmp_path / f"{model.name}-calib" / "stats.safetensors"))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(s.path) for s in stats)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "images" not in stats[0].meta and stats[0].meta["dataset"] == stats[1].meta["dataset"]
