@@ -39,6 +39,26 @@ BUILD_TIMEOUT_S = 45 * 60
 RUN_TIMEOUT_S = 600
 
 
+# vLLM 0.33.0's Perception Encoder (Step-3.7's vision tower, models/step_vl.py) reads the checkpoint's own
+# vision_config names, but the config it is handed is transformers' Step3p7VisionConfig, which pops them into its
+# own names while parsing: without these the model cannot be built (`'Step3p7VisionConfig' object has no attribute
+# 'width'`). Ours -> transformers' spelling.
+PERCEPTION_ENCODER_NAMES = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                            "ls_init_value": "layer_scale_init_value"}
+
+
+def vllm_hf_overrides(config: dict) -> dict:
+    """What vLLM 0.33.0 needs as `--hf-overrides` on top of an artifact's config.json (`config`): for Step-3.7 the
+    Perception Encoder's vision config names with the artifact's own values (either spelling in config.json);
+    {} for Step-3.5. The load check passes exactly this, so a user passing it loads what the check loaded."""
+    vision = config.get("vision_config")
+    if "Step3p7ForConditionalGeneration" not in (config.get("architectures") or []) or not isinstance(vision, dict):
+        return {}
+    values = {ours: vision.get(ours, vision.get(theirs)) for ours, theirs in PERCEPTION_ENCODER_NAMES.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    return {"vision_config": values} if values else {}
+
+
 class VllmEnvError(RuntimeError):
     """The vLLM venv could not be built or used (message: one line)."""
 
@@ -82,7 +102,13 @@ def verify_vllm(artifact_dir: str | Path, timeout: float = RUN_TIMEOUT_S, python
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the project's venv leaks in
     env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_LOGGING_STREAM": "ext://sys.stderr",
                 "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
+    try:
+        overrides = vllm_hf_overrides(json.loads((artifact / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError) as e:
+        return _failed(artifact, f"{artifact / 'config.json'}: unreadable ({type(e).__name__}: {e})")
     cmd = [str(python), str(RUNNER), str(artifact), "--json"]
+    if overrides:
+        cmd += ["--hf-overrides", json.dumps(overrides)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

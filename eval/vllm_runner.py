@@ -474,38 +474,21 @@ def load_one(vllm_config, model_config, owns) -> dict:
     return result
 
 
-# vLLM 0.33.0's PerceptionEncoder (Step-3.7's vision tower, step_vl.py) reads the checkpoint's own vision_config
-# names, but the config it gets is transformers' Step3p7VisionConfig, which pops them into its own names while
-# parsing: without these the model cannot be built (`'Step3p7VisionConfig' object has no attribute 'width'`).
-# A user passes the same values with `--hf-overrides '{"vision_config": {...}}'`; the report carries them.
-PERCEPTION_ENCODER_NAMES = {"width": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
-                            "ls_init_value": "layer_scale_init_value"}
-
-
-def vision_hf_overrides(config: dict) -> dict:
-    """`hf_overrides` giving vLLM's PerceptionEncoder the vision config names transformers renamed, with the
-    artifact's own values (either spelling in config.json); {} for a model without a Perception Encoder."""
-    vision = config.get("vision_config")
-    if "Step3p7ForConditionalGeneration" not in (config.get("architectures") or []) or not isinstance(vision, dict):
-        return {}
-    values = {ours: vision.get(ours, vision.get(theirs)) for ours, theirs in PERCEPTION_ENCODER_NAMES.items()}
-    values = {k: v for k, v in values.items() if v is not None}
-    return {"vision_config": values} if values else {}
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def check(artifact: Path) -> dict:
+def check(artifact: Path, hf_overrides: dict | None = None) -> dict:
+    """Build and load the trunk, then the drafter. `hf_overrides` as vLLM's `--hf-overrides` (what the artifact's
+    config.json needs on top for this vLLM; eval/vllm_conformance.py decides it)."""
     import vllm
     from vllm.config import (DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig,
                              set_current_vllm_config)
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
-    hf_overrides = vision_hf_overrides(json.loads((artifact / "config.json").read_text()))
+    hf_overrides = hf_overrides or {}
     report = {"artifact": str(artifact), "vllm": vllm.__version__, "torch": torch.__version__, "ok": False,
               "overrides": install_cpu_overrides(), "hf_overrides": hf_overrides, "trunk": None, "mtp": None,
               "problems": []}
@@ -557,13 +540,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object (the default)")
+    ap.add_argument("--hf-overrides", type=json.loads, default=None, metavar="JSON",
+                    help="config overrides, as vLLM's --hf-overrides (Step-3.7: see eval/vllm_conformance.py)")
     args = ap.parse_args(argv)
     if not (args.artifact / "config.json").is_file():
         print(json.dumps({"artifact": str(args.artifact), "ok": False,
                           "problems": [f"{args.artifact}: no config.json"]}))
         return 2
     try:
-        report = check(args.artifact.resolve())
+        report = check(args.artifact.resolve(), args.hf_overrides)
     except Exception as e:  # e.g. an override that no longer fits this vLLM: still one JSON object, one line
         traceback.print_exc(file=sys.stderr)
         report = {"artifact": str(args.artifact), "ok": False, "trunk": None, "mtp": None,

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from convert.fixtures import STEP37_FIXTURE
 from convert.safetensors_export import RECIPES_DIR
-from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm
+from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm, vllm_hf_overrides
 from stepq.cli import main as stepq_main
 
 QUANT_METHOD = {"bf16": None, "fp8-block": "fp8", "fp8-block-all": "fp8", "fp8-dynamic": "compressed-tensors",
@@ -330,3 +330,17 @@ def test_verify_command_exit_codes(loaded, capsys):
     assert stepq_main(["verify", str(loaded.paths["bf16"]), str(loaded.paths["vision-not-ignored"])]) == 1
     out = capsys.readouterr().out
     assert "vision-not-ignored: FAILED" in out and "Step3p7ForConditionalGeneration" in out
+
+
+def test_hf_overrides_from_either_spelling():
+    """The overrides take the artifact's own values, whether its vision config spells them as the checkpoint does
+    (`width`) or as transformers does (`hidden_size`); none for Step-3.5."""
+    cfg = json.loads((STEP37_FIXTURE / "config.json").read_text())
+    ours = vllm_hf_overrides(cfg)
+    vision = cfg["vision_config"]
+    cfg["vision_config"] = {k: v for k, v in vision.items() if k not in ("width", "layers", "heads", "ls_init_value")}
+    cfg["vision_config"] |= {"hidden_size": vision["width"], "num_hidden_layers": vision["layers"],
+                             "num_attention_heads": vision["heads"], "layer_scale_init_value": vision["ls_init_value"]}
+    assert vllm_hf_overrides(cfg) == ours == {"vision_config": {"width": 96, "layers": 2, "heads": 2,
+                                                                "ls_init_value": 0.1}}
+    assert vllm_hf_overrides(json.loads((STEP37_FIXTURE.with_name("tiny-step35") / "config.json").read_text())) == {}
