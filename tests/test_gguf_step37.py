@@ -11,6 +11,8 @@ llama.cpp itself (the tree vendored in llama-cpp-python 0.3.36, built by `make l
 - the variant folder holds the text file, `mmproj-<model>-F16.gguf` and stepq.json recording both;
 - `llama-mtmd-cli` runs the pair on a generated image: the image becomes the tokens transformers' Step-3.7
   processor plans for it (81 per 504-px local window, then the 169-token global view) and text is generated;
+- llama.cpp's image embeddings from the mmproj match the vision tower + projector run by transformers (to the F16
+  weights' precision) once transformers' 2-D RoPE takes the axes in the order llama.cpp and vLLM take them;
 - bad input: a projector bias (llama.cpp's step3vl has no place for it), an mmproj of a text-only model.
 
 Tests needing llama.cpp build it through the Makefile (cached outside the repo); they never skip.
@@ -19,6 +21,7 @@ Tests needing llama.cpp build it through the Makefile (cached outside the repo);
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -252,6 +255,92 @@ def test_llama_mtmd_cli_runs_the_pair(variants, tmp_path):
     assert chunks == _expected_image_tokens() == [81, 81, 169]
     assert generated == 8 and text.strip(), text
     print(f"\nllama-mtmd-cli: image -> {chunks} tokens ({sum(chunks)}), {generated} tokens generated: {text.strip()!r}")
+
+
+def _llama_cpp_image_embeddings(model: Path, mmproj: Path, image: Path) -> np.ndarray:
+    """[tokens, n_embd] the mmproj makes of `image` in llama.cpp (libmtmd through llama-cpp-python's ctypes binding,
+    both from the build `make llama-cpp` made): what llama.cpp puts at the image's positions."""
+    import ctypes
+
+    from PIL import Image
+
+    from convert.gguf_tools import llama_cpp_dir
+    from eval.gguf_logits import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
+    os.environ["MTMD_CPP_LIB"] = str(llama_cpp_dir() / "src" / "build" / "bin")  # read at the binding's import
+    from llama_cpp import mtmd_cpp as M
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp's loader log, decoded per piece by the binding, splits UTF-8 token texts
+    lm = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
+    params = M.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
+    ctx = M.mtmd_init_from_file(str(mmproj).encode(), lm, params)
+    assert lm and ctx, "llama.cpp did not load the text GGUF and its mmproj"
+    im = Image.open(image).convert("RGB")
+    rgb = im.tobytes()
+    bitmap = M.mtmd_bitmap_init(im.width, im.height, (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb))
+    chunks = M.mtmd_input_chunks_init()
+    try:
+        marker = M.mtmd_get_marker(ctx)
+        text = M.mtmd_input_text()
+        text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        n_embd = llama_cpp.llama_model_n_embd(lm)
+        out = []
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                assert M.mtmd_encode_chunk(ctx, chunk) == 0
+                n = M.mtmd_input_chunk_get_n_tokens(chunk)
+                embd = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+                out.append(embd.reshape(n, n_embd).copy())  # the context's buffer is reused by the next encode
+        return np.concatenate(out)
+    finally:
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
+        M.mtmd_free(ctx)
+        llama_cpp.llama_model_free(lm)
+
+
+def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path):
+    """llama.cpp's image embeddings from the mmproj against the checkpoint's vision tower + projector run by
+    transformers (calib.images, bit-identical to Step3p7ForConditionalGeneration's), on a 728 x 728 image (the
+    global view alone, no resize on either side).
+
+    They agree to 4e-4 (F16 weights) once transformers' 2-D RoPE takes (column, row) positions where it takes
+    (row, column); as it stands transformers differs by 1.7e-2. The half of each head's dims that rotates with the
+    column is the first in llama.cpp (step3vl.cpp: build_rope_2d(pos_w, pos_h)) and in vLLM's PerceptionEncoder, a
+    copy of perception_models' pe.py (`torch.cat([freqs_w, freqs_h])`); transformers 5.17's Step3p7 vision rotary
+    gives the first half the row positions. So the mmproj computes what the model's own code does, and transformers
+    5.17 is the engine that swaps the two axes."""
+    from PIL import Image
+
+    from calib.images import Preprocessor, load_tower_from_dir, preprocess
+
+    y, x = np.mgrid[0:728, 0:728]
+    image = tmp_path / "square.png"
+    Image.fromarray(np.stack([x * 255 // 727, y * 255 // 727, (x ^ y) & 255], -1).astype(np.uint8)).save(image)
+    q4 = variants["Q4_K_M"]
+    ours = _llama_cpp_image_embeddings(q4 / TEXT, q4 / MMPROJ, image)
+
+    pixels = preprocess(Image.open(image).convert("RGB"), Preprocessor.from_dir(STEP37_FIXTURE))
+    assert pixels.local is None  # a square image of the global view's size: one view, no local patches
+    tower = load_tower_from_dir(STEP37_FIXTURE)
+    as_is = tower.features(pixels).float().numpy()
+    rotary = tower.vision_model.rotary_emb
+    row_col = rotary.forward
+    rotary.forward = lambda x, position_ids: row_col(x, position_ids[..., [1, 0]])  # (row, col) -> (col, row)
+    swapped = tower.features(pixels).float().numpy()
+
+    def rel(ref: np.ndarray) -> float:
+        return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+    assert ours.shape == swapped.shape == (169, 256)
+    print(f"\nllama.cpp image embeddings vs transformers: {rel(as_is):.2e}; with (col, row) RoPE: {rel(swapped):.2e}")
+    assert rel(swapped) < 2e-3  # measured 4.0e-4: F16 weights (an F32 mmproj gives 3.4e-4)
+    assert rel(as_is) > 5e-3  # measured 1.7e-2: the axis swap, 40x the F16 error
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
