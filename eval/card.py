@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from eval.schema import REPORT_DIR, REPORT_JSON, is_measured
+from eval.vllm_conformance import vllm_hf_overrides
 
 
 def _read_json(path: Path) -> dict:
@@ -193,7 +194,7 @@ def _baseline_name(base: dict) -> str:
 
 
 def _run_section(repo_id: str, revision: str | None, provenance: dict, files: list[str],
-                 mtp_layers: list[int]) -> list[str]:
+                 mtp_layers: list[int], config: dict) -> list[str]:
     n = len(mtp_layers)
     rev = f" --revision {revision}" if revision and revision != "main" else ""
     out = ["## How to run", ""]
@@ -210,9 +211,13 @@ def _run_section(repo_id: str, revision: str | None, provenance: dict, files: li
                 f"llama-server -m {first}{vision}{spec}", "```"]
     else:
         spec = (f" \\\n  --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": {n}}}'" if n else "")
+        # Step-3.7: vLLM 0.33 reads the tower's legacy config names, which transformers renames (the load check
+        # passes the same overrides)
+        overrides = vllm_hf_overrides(config)
+        hf = f" \\\n  --hf-overrides '{json.dumps(overrides, separators=(',', ':'))}'" if overrides else ""
         out += ["vLLM" + (" with the MTP head as drafter (the draft model is built from this checkpoint's MTP "
                           "layers):" if n else ":"), "",
-                "```sh", f"vllm serve {repo_id}{rev}{spec}", "```"]
+                "```sh", f"vllm serve {repo_id}{rev}{hf}{spec}", "```"]
     return out
 
 
@@ -268,5 +273,5 @@ def build_card(artifact: str | Path, gate_record: dict, repo_id: str, revision: 
              + (f", compared with the previous release ({_baseline_name(base)})" if base else "")
              + f"; report sha256 `{gate_record.get('report', {}).get('sha256', '')[:16]}`.", "", "```"]
     body += [r["line"] for r in gate_record.get("results", [])] + ["```", ""]
-    body += _run_section(repo_id, revision, provenance, files, mtp_layers)
+    body += _run_section(repo_id, revision, provenance, files, mtp_layers, config)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")

@@ -205,14 +205,18 @@ def test_card_for_step37_names_the_vision_side(synthetic):
     """Step-3.7: tagged step3p7 / image-text-to-text, the vision tower said to stay BF16; for GGUF the run line
     passes the mmproj file beside the text model (which is not mistaken for the first text shard)."""
     art = synthetic.artifact(name="tiny-step37-NVFP4", source="fixtures/tiny-step37")
-    (art / "config.json").write_text(json.dumps({"model_type": "step3p7", "text_config": {
-        "num_hidden_layers": 5, "num_nextn_predict_layers": 2}, "vision_config": {"width": 96}}))
+    (art / "config.json").write_text(json.dumps({
+        "model_type": "step3p7", "architectures": ["Step3p7ForConditionalGeneration"],
+        "text_config": {"num_hidden_layers": 5, "num_nextn_predict_layers": 2},
+        "vision_config": {"width": 96, "layers": 2, "heads": 2, "ls_init_value": 0.1}}))
     prov = json.loads((art / "stepq.json").read_text())
     prov["tensors"] = {"model.layers.5.eh_proj.weight": {"role": "mtp_eh_proj", "action": "kept"}}
     (art / "stepq.json").write_text(json.dumps(prov))
     card = build_card(art, gate(art).record, "org/tiny-step37-NVFP4")
     assert card.data.pipeline_tag == "image-text-to-text" and "step3p7" in card.data.tags
     assert "The vision tower and projector are kept in BF16" in str(card) and "layers 5–6" in str(card)
+    # vLLM 0.33 needs the tower's own config names back (transformers renames them): the card says how
+    assert """--hf-overrides '{"vision_config":{"width":96,"layers":2,"heads":2,"ls_init_value":0.1}}'""" in str(card)
 
     gguf = synthetic.artifact(name="tiny-step37-GGUF-Q4_K_M", variant="GGUF-Q4_K_M", source="fixtures/tiny-step37")
     (gguf / "config.json").unlink()
