@@ -23,8 +23,10 @@ The vision tower is transformers' `Step3p7VisionModel` with the projector as an 
 `vision_model.*` / `vit_large_projector.*` tensors only (never the 400 GB whole model). transformers renames those
 tensors and splits each fused `attn.in_proj_*` into q/k/v with a RoPE permutation when it loads a checkpoint
 (conversion_mapping.py "step3p5_vision": Chunk + PermuteForRope); `vision_state_dict` applies that very mapping, its
-own `WeightRenaming` / `WeightConverter` objects, to the tensors, so features are bit-identical to
-`Step3p7ForConditionalGeneration.from_pretrained(...).model.get_image_features` (tested on the fixture).
+own `WeightRenaming` / `WeightConverter` objects, to the tensors. With `engine_rope=False` the features are
+bit-identical to `Step3p7ForConditionalGeneration.from_pretrained(...).model.get_image_features` (tested on the
+fixture); by default the tower's 2-D RoPE takes the axis order vLLM and llama.cpp use, which transformers 5.17 swaps
+(`EngineOrderRope`), so calibration and eval see the features the engines serve.
 """
 
 from __future__ import annotations
@@ -276,6 +278,28 @@ def vision_state_dict(tensors: dict[str, torch.Tensor], config) -> dict[str, tor
     return out
 
 
+class EngineOrderRope(nn.Module):
+    """transformers 5.17's tower rotates the first half of each head's RoPE dims with the patch row, where vLLM
+    (`step_vl.py`, a copy of perception_models' `pe.py`, the code the weights were trained with) and llama.cpp
+    (`step3vl.cpp`: `build_rope_2d(pos_w, pos_h)`) rotate it with the column. Feeding transformers' rotary embedding
+    (col, row) positions gives the engines' features to float32 rounding (tests/test_gguf_step37.py measures
+    5e-7 against vLLM's formula; as shipped, transformers is 1.7e-2 away): calibration and eval see what the
+    engines serve."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.rope(x, position_ids[..., [1, 0]])
+
+
+def use_engine_rope_order(vision_model: nn.Module) -> None:
+    """Give a transformers `Step3p7VisionModel` the engines' RoPE axis order (see EngineOrderRope), in place."""
+    if not isinstance(vision_model.rotary_emb, EngineOrderRope):
+        vision_model.rotary_emb = EngineOrderRope(vision_model.rotary_emb)
+
+
 class VisionTower(nn.Module):
     """transformers' Step3p7VisionModel + the projector: pixels -> features in the text embedding space."""
 
@@ -301,9 +325,11 @@ class VisionTower(nn.Module):
 
 
 def load_tower(full_config: dict, read: Callable[[str], torch.Tensor], names: Iterable[str],
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", where: str = "") -> VisionTower:
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", where: str = "",
+               engine_rope: bool = True) -> VisionTower:
     """The tower over the checkpoint's tensors (`read(name)` for every `vision_model.*` / `vit_large_projector.*`
-    name in `names`), strict: a missing or extra tensor is BadInput naming it."""
+    name in `names`), strict: a missing or extra tensor is BadInput naming it. `engine_rope`: the RoPE axis order
+    vLLM and llama.cpp use (EngineOrderRope); False gives transformers' own, bit for bit."""
     config = hf_config(full_config)
     names = vision_names(names)
     if not any(n.startswith(PROJECTOR_PREFIX) for n in names) or not any(n.startswith(VISION_PREFIX) for n in names):
@@ -330,11 +356,13 @@ def load_tower(full_config: dict, read: Callable[[str], torch.Tensor], names: It
     vm.embeddings.position_ids = torch.arange(vm.embeddings.num_positions, device=device).expand((1, -1))
     rope = type(vm.rotary_emb)(config.vision_config)
     vm.rotary_emb = rope.to(device)
+    if engine_rope:
+        use_engine_rope_order(vm)
     return tower.eval()
 
 
 def load_tower_from_dir(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> VisionTower:
+                        device: str | torch.device = "cpu", engine_rope: bool = True) -> VisionTower:
     """The tower of a checkpoint folder, its vision tensors read with safetensors (tests; stepq's forward reads them
     through its checkpoint reader)."""
     from safetensors import safe_open
@@ -356,7 +384,7 @@ def load_tower_from_dir(model_dir: str | Path, dtype: torch.dtype = torch.float3
         return handles[shard].get_tensor(name)
 
     return load_tower(json.loads((model_dir / "config.json").read_text()), read, names, dtype, device,
-                      str(model_dir))
+                      str(model_dir), engine_rope)
 
 
 # ---- image features in place of the placeholder embeddings ----------------------------------------------------

@@ -12,7 +12,8 @@ llama.cpp itself (the tree vendored in llama-cpp-python 0.3.36, built by `make l
 - `llama-mtmd-cli` runs the pair on a generated image: the image becomes the tokens transformers' Step-3.7
   processor plans for it (81 per 504-px local window, then the 169-token global view) and text is generated;
 - llama.cpp's image embeddings from the mmproj equal the vision tower + projector as vLLM computes them (to the F16
-  weights' precision); transformers 5.17 differs from both (its 2-D RoPE swaps the row and column axes);
+  weights' precision); transformers 5.17 differs from both (its 2-D RoPE swaps the row and column axes;
+  stepq's tower swaps them back);
 - bad input: a projector bias (llama.cpp's step3vl has no place for it), an mmproj of a text-only model.
 
 Tests needing llama.cpp build it through the Makefile (cached outside the repo); they never skip.
@@ -48,6 +49,20 @@ from convert.hashing import file_sha256
 from eval.gguf_variant import main_file
 from stepq.calibrate import calibrate
 from stepq.cli import main
+
+
+def _load_vision_reference():
+    """tests/vision_reference.py, by path (importlib test mode: helper modules beside the tests are not importable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stepq_tests_vision_reference",
+                                                  Path(__file__).parent / "vision_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VISION_REFERENCE = _load_vision_reference()
 
 DATA = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-step35-data"
 TEXT, MMPROJ = "tiny-step37-Q4_K_M.gguf", "mmproj-tiny-step37-F16.gguf"
@@ -304,64 +319,15 @@ def _llama_cpp_image_embeddings(model: Path, mmproj: Path, image: Path) -> np.nd
         llama_cpp.llama_model_free(lm)
 
 
-def _perception_encoder(model_dir: Path, pixels: torch.Tensor) -> torch.Tensor:
-    """[tokens, H] image features as vLLM 0.33 computes them (`step_vl.py` PerceptionEncoder, "a copy from
-    perception_models pe.py", + Step3p7's `vit_large_projector`), in plain float32 torch over the checkpoint's
-    tensors: the reference for both llama.cpp and transformers. Its 2-D RoPE: per head, the first half of the dims
-    (interleaved pairs) rotates with the column index, the second with the row (`torch.cat([freqs_w, freqs_h])`)."""
-    import torch.nn.functional as F
-    from safetensors import safe_open
-
-    vc = json.loads((model_dir / "config.json").read_text())["vision_config"]
-    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    files = {s: safe_open(model_dir / s, "pt") for s in set(weight_map.values())}
-
-    def t(name: str) -> torch.Tensor:
-        return files[weight_map[name]].get_tensor(name).float()
-
-    width, heads, patch = vc["width"], vc["heads"], vc["patch_size"]
-    hd = width // heads
-    gh, gw = pixels.shape[2] // patch, pixels.shape[3] // patch
-    inv = 1.0 / (10000.0 ** (torch.arange(0, hd // 2, 2)[: hd // 4].float() / (hd // 2)))
-    fh = (torch.arange(gh).float()[:, None] * inv).repeat_interleave(2, -1)[:, None].expand(gh, gw, -1)
-    fw = (torch.arange(gw).float()[:, None] * inv).repeat_interleave(2, -1)[None, :].expand(gh, gw, -1)
-    freqs = torch.cat([fw, fh], -1).reshape(gh * gw, -1)
-
-    def rope(x: torch.Tensor) -> torch.Tensor:
-        pairs = x.reshape(*x.shape[:-1], -1, 2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
-        return x * freqs.cos() + rotated * freqs.sin()
-
-    def ln(x: torch.Tensor, p: str) -> torch.Tensor:
-        return F.layer_norm(x, (width,), t(p + ".weight"), t(p + ".bias"), vc["layer_norm_eps"])
-
-    x = F.conv2d(pixels.float(), t("vision_model.conv1.weight"), stride=patch).flatten(2).transpose(1, 2)
-    x = ln(x + t("vision_model.positional_embedding"), "vision_model.ln_pre")
-    for i in range(vc["layers"]):
-        p = f"vision_model.transformer.resblocks.{i}."
-        q, k, v = (F.linear(ln(x, p + "ln_1"), t(p + "attn.in_proj_weight"), t(p + "attn.in_proj_bias"))
-                   .view(1, -1, 3 * heads, hd).transpose(1, 2).chunk(3, dim=1))
-        a = F.scaled_dot_product_attention(rope(q), rope(k), v).transpose(1, 2).reshape(1, -1, width)
-        x = x + F.linear(a, t(p + "attn.out_proj.weight"), t(p + "attn.out_proj.bias")) * t(p + "ls_1.gamma")
-        y = F.linear(ln(x, p + "ln_2"), t(p + "mlp.c_fc.weight"), t(p + "mlp.c_fc.bias"))
-        y = F.linear(y * torch.sigmoid(1.702 * y), t(p + "mlp.c_proj.weight"), t(p + "mlp.c_proj.bias"))  # quick_gelu
-        x = x + y * t(p + "ls_2.gamma")
-    x = x.transpose(1, 2).reshape(1, width, gh, gw)
-    for i in (1, 2):
-        x = F.conv2d(x, t(f"vision_model.vit_downsampler{i}.weight"), t(f"vision_model.vit_downsampler{i}.bias"),
-                     stride=2, padding=1)
-    return F.linear(x.flatten(2).transpose(1, 2), t("vit_large_projector.weight"))[0]
-
-
 def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path):
     """llama.cpp's image embeddings from the mmproj against the vision tower + projector as vLLM computes them
-    (`_perception_encoder`), on a 728 x 728 image (the global view alone, no resize on any side): equal to the F16
+    (tests/vision_reference.py), on a 728 x 728 image (the global view alone, no resize on any side): equal to the F16
     weights' precision.
 
-    transformers 5.17 (calib.images' tower, bit-identical to Step3p7ForConditionalGeneration's) differs from both by
-    1.7e-2: its 2-D RoPE gives the first half of each head the row positions where vLLM and llama.cpp
-    (step3vl.cpp: build_rope_2d(pos_w, pos_h)) give it the column; with the two position axes swapped it equals
-    the reference to float32 rounding."""
+    transformers 5.17 (calib.images' tower with engine_rope=False, bit-identical to Step3p7ForConditionalGeneration's)
+    differs from both by 1.7e-2: its 2-D RoPE gives the first half of each head the row positions where vLLM and
+    llama.cpp (step3vl.cpp: build_rope_2d(pos_w, pos_h)) give it the column; stepq's tower (the axes swapped,
+    calib.images.EngineOrderRope) equals the reference to float32 rounding."""
     from PIL import Image
 
     from calib.images import Preprocessor, load_tower_from_dir, preprocess
@@ -375,22 +341,18 @@ def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path):
     pixels = preprocess(Image.open(image).convert("RGB"), Preprocessor.from_dir(STEP37_FIXTURE))
     assert pixels.local is None  # a square image of the global view's size: one view, no local patches
     with torch.no_grad():
-        ref = _perception_encoder(STEP37_FIXTURE, pixels.global_view).numpy()
-    tower = load_tower_from_dir(STEP37_FIXTURE)
-    transformers_as_is = tower.features(pixels).float().numpy()
-    rotary = tower.vision_model.rotary_emb
-    row_col = rotary.forward
-    rotary.forward = lambda x, position_ids: row_col(x, position_ids[..., [1, 0]])  # (row, col) -> (col, row)
-    transformers_swapped = tower.features(pixels).float().numpy()
+        ref = VISION_REFERENCE.perception_encoder(STEP37_FIXTURE, pixels.global_view).numpy()
+    transformers_as_is = load_tower_from_dir(STEP37_FIXTURE, engine_rope=False).features(pixels).float().numpy()
+    stepq_tower = load_tower_from_dir(STEP37_FIXTURE).features(pixels).float().numpy()  # stepq's tower
 
     def rel(a: np.ndarray) -> float:
         return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
 
     assert ours.shape == ref.shape == (169, 256)
     print(f"\nimage embeddings vs vLLM's PerceptionEncoder: llama.cpp (F16 mmproj) {rel(ours):.1e}, transformers "
-          f"{rel(transformers_as_is):.1e}, transformers with (col, row) RoPE positions {rel(transformers_swapped):.1e}")
+          f"{rel(transformers_as_is):.1e}, stepq's tower (engine RoPE order) {rel(stepq_tower):.1e}")
     assert rel(ours) < 2e-3  # measured 4.0e-4: F16 weights (an F32 mmproj gives 3.4e-4)
-    assert rel(transformers_swapped) < 1e-5  # measured 5e-7
+    assert rel(stepq_tower) < 1e-5  # measured 5e-7
     assert rel(transformers_as_is) > 5e-3  # measured 1.7e-2
 
 

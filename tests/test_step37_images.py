@@ -51,7 +51,12 @@ def from_pretrained(dtype: torch.dtype):
 
 @pytest.fixture(scope="module")
 def hf_model():
-    return from_pretrained(torch.float32)
+    """transformers' model with its tower's RoPE in the engines' axis order (what stepq's tower computes)."""
+    from transformers import Step3p7ForConditionalGeneration
+
+    model = Step3p7ForConditionalGeneration.from_pretrained(STEP37_FIXTURE, dtype=torch.float32).eval()
+    I.use_engine_rope_order(model.model.vision_model)
+    return model
 
 
 # ---- preprocessing and placeholder tokens ----------------------------------------------------------------------
@@ -140,7 +145,7 @@ def test_a_bad_image_names_its_sample(tmp_path):
 def test_features_are_from_pretrained_bit_for_bit(dtype):
     """Tower + projector from the vision tensors alone (transformers' step3p5_vision conversion applied to them) give
     exactly from_pretrained's get_image_features: local patches first, then the global view."""
-    tower, model = I.load_tower_from_dir(STEP37_FIXTURE, dtype), from_pretrained(dtype)
+    tower, model = I.load_tower_from_dir(STEP37_FIXTURE, dtype, engine_rope=False), from_pretrained(dtype)
     for size in [(1100, 600), (96, 80)]:
         px = I.preprocess(drawing(size, seed=1), PRE)
         mine = tower.features(px)
@@ -150,6 +155,28 @@ def test_features_are_from_pretrained_bit_for_bit(dtype):
                 [0 if px.local is None else px.local.shape[0]]).pooler_output[0]
         assert mine.shape == (I.feature_count(px.plan, PRE), 256)
         assert torch.equal(mine, want)
+
+
+def test_the_tower_computes_what_vllm_and_llama_cpp_serve():
+    """stepq's tower (transformers' with the engines' RoPE axis order) against vLLM's Perception Encoder formula in
+    plain torch (tests/vision_reference.py, which llama.cpp's mmproj also matches): equal to float32 rounding on
+    the global view and on a local patch; transformers' own order is far from it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stepq_tests_vision_reference",
+                                                  Path(__file__).parent / "vision_reference.py")
+    ref_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_module)
+    px = I.preprocess(drawing((1100, 600), seed=2), PRE)
+    assert px.local is not None
+    engines, theirs = I.load_tower_from_dir(STEP37_FIXTURE), I.load_tower_from_dir(STEP37_FIXTURE, engine_rope=False)
+    for view in (px.global_view, px.local[:1]):
+        with torch.no_grad():
+            ref = ref_module.perception_encoder(STEP37_FIXTURE, view)
+            mine = engines.projector(engines.vision_model(view).last_hidden_state)[0]
+            hf = theirs.projector(theirs.vision_model(view).last_hidden_state)[0]
+        rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
+        assert rel(mine) < 1e-5 and rel(hf) > 5e-3, (rel(mine), rel(hf))
 
 
 def test_the_rope_permutation_matters():
