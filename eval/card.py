@@ -141,6 +141,15 @@ def _eval_rows(report: dict) -> list[tuple[str, str]]:
             ("p99 / max KLD", f"{_cell(_get(acc, 'kld', 'p99'))} / {_cell(_get(acc, 'kld', 'max'))}"),
             ("top-1 agreement with BF16", _cell(_get(acc, "top1"), _pct)),
             ("perplexity ratio (quantized / BF16)", _cell(_get(acc, "ppl_ratio")) + ppl)]
+    if "image" in acc:  # Step-3.7: over the text positions of an image set
+        image = acc["image"]
+        if is_measured(image):
+            rows += [("image-conditioned mean / p99 KLD", f"{_cell(_get(image, 'kld', 'mean'))} / "
+                                                          f"{_cell(_get(image, 'kld', 'p99'))}"),
+                     ("image-conditioned top-1 / perplexity ratio",
+                      f"{_cell(_get(image, 'top1'), _pct)} / {_cell(_get(image, 'ppl_ratio'))}")]
+        else:
+            rows.append(("image-conditioned KLD", _cell(image)))
     mtp = _get(acc, "mtp")
     if isinstance(mtp, list) and mtp:
         for d in mtp:

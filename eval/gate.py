@@ -343,7 +343,8 @@ def gate(artifact: str | Path, policy: str | Path | None = None, baseline: str |
     report_path = artifact / REPORT_DIR / REPORT_JSON
     report, report_sha = load_report(report_path)
     variant = _variant(artifact, report, report_path)
-    policy_path = Path(policy) if policy else default_policy((report.get("source") or {}).get("model"))
+    multimodal = "image" in (report.get("accuracy") or {})  # the eval reports it (measured or not) for Step-3.7
+    policy_path = Path(policy) if policy else default_policy((report.get("source") or {}).get("model"), multimodal)
     pol: Policy = load_policy(policy_path)
     section, rules = pol.rules_for(variant)
 

@@ -32,6 +32,7 @@ from convert.errors import BadInput
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 FIXTURE_POLICY = POLICY_DIR / "fixture.yaml"
 MODEL_POLICY = POLICY_DIR / "step35-flash.yaml"
+STEP37_POLICY = POLICY_DIR / "step37-flash.yaml"
 FIXTURE_NAMES = {"tiny-step35", "tiny-step37"}  # source model names gated by FIXTURE_POLICY; anything else by MODEL_POLICY
 
 
@@ -63,6 +64,10 @@ RULES: dict[str, RuleKind] = {
     "min_top1": RuleKind("accuracy.top1", "min"),
     "max_ppl_ratio": RuleKind("accuracy.ppl_ratio", "max"),
     "min_mtp_ratio": RuleKind("accuracy.mtp[depth].ratio", "min"),
+    # Step-3.7: over the text positions of an image set (`stepq eval --dataset` naming images)
+    "max_image_kld_mean": RuleKind("accuracy.image.kld.mean", "max"),
+    "min_image_top1": RuleKind("accuracy.image.top1", "min"),
+    "max_image_ppl_ratio": RuleKind("accuracy.image.ppl_ratio", "max"),
     "min_task_recovery": RuleKind("tasks.*.recovery", "min"),
     "min_speed_ratio": RuleKind("speed.ratios.*", "min", severity="warn"),
     # vLLM's own loader built the model and its MTP drafter from the files (`stepq verify --engine vllm`)
@@ -225,7 +230,10 @@ def load_policy(path: str | Path) -> Policy:
     return Policy(path, text, hashlib.sha256(text.encode()).hexdigest(), str(doc.get("description", "")), sections)
 
 
-def default_policy(source_model: str | None) -> Path:
-    """The bundled policy for a source model: the fixture's for the tiny fixture, else the Step-3.5-Flash one."""
+def default_policy(source_model: str | None, multimodal: bool = False) -> Path:
+    """The bundled policy for a source model: the fixture's for the tiny fixtures, else the Step-3.7-Flash one for
+    a model with a vision tower (`multimodal`), else the Step-3.5-Flash one."""
     name = Path(str(source_model or "")).name
-    return FIXTURE_POLICY if name in FIXTURE_NAMES else MODEL_POLICY
+    if name in FIXTURE_NAMES:
+        return FIXTURE_POLICY
+    return STEP37_POLICY if multimodal else MODEL_POLICY

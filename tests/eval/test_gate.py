@@ -7,7 +7,7 @@ import pytest
 
 from convert.errors import BadInput
 from eval.gate import gate
-from eval.policy import FIXTURE_POLICY, MODEL_POLICY, load_policy
+from eval.policy import FIXTURE_POLICY, MODEL_POLICY, STEP37_POLICY, load_policy
 from stepq.cli import main
 
 
@@ -229,7 +229,7 @@ def test_missing_report_and_wrong_baseline_variant_are_bad_input(synthetic, tmp_
     assert code == 2 and "no eval report (run `stepq eval` first)" in err
 
 
-@pytest.mark.parametrize("policy", [FIXTURE_POLICY, MODEL_POLICY], ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [FIXTURE_POLICY, MODEL_POLICY, STEP37_POLICY], ids=lambda p: p.name)
 def test_bundled_policies_cover_every_variant(policy):
     pol = load_policy(policy)
     limit = {}
@@ -242,3 +242,31 @@ def test_bundled_policies_cover_every_variant(policy):
         limit[variant] = by_name["max_kld_mean"].limit
     assert limit["FP8-BLOCK"] < limit["NVFP4"] <= limit["GGUF-Q4_K_M"] and limit["GGUF-Q8_0"] < limit["GGUF-Q4_K_M"]
     assert limit["GGUF-Q4_K_M"] <= 0.05  # weight scales x2 measure far above this
+
+
+TASKS = {"gsm8k": {"recovery": 0.99}}  # the real-model policies require task recovery
+IMAGE = {"kld": {"mean": 0.007, "median": 0.001, "p99": 0.07, "max": 0.3}, "top1": 0.92, "ppl": 10.0,
+         "ppl_ref": 9.9, "ppl_ratio": 1.01, "positions": 524}
+
+
+def test_a_step37_report_is_gated_on_image_conditioned_accuracy(synthetic, capsys):
+    """A report with `accuracy.image` (a Step-3.7 source) takes the Step-3.7 policy, which requires the image
+    figures of safetensors variants and judges them; GGUF (no image eval through llama.cpp) only reports them."""
+    real = "stepfun-ai/Step-3.7-Flash"
+    good = synthetic.artifact(name="Step-3.7-Flash-NVFP4", source=real,
+                              changes={"source.model": real, "tasks": TASKS, "accuracy.image": IMAGE})
+    code, out, _ = run(capsys, good)
+    assert code == 0, out
+    assert json.loads((good / "eval" / "gate.json").read_text())["policy"]["path"].endswith("step37-flash.yaml")
+    assert "PASS accuracy.image.kld.mean = 0.007 <= 0.05 (max_image_kld_mean)" in out
+
+    bad = synthetic.artifact(name="Step-3.7-Flash-FP8", variant="FP8-BLOCK", source=real, changes={
+        "source.model": real, "tasks": TASKS, "accuracy.image": {**IMAGE, "kld": {**IMAGE["kld"], "mean": 0.2}, "top1": 0.6}})
+    code, out, _ = run(capsys, bad)
+    assert code == 1 and "FAIL accuracy.image.kld.mean = 0.2 > 0.05 (max_image_kld_mean)" in out, out
+    assert "FAIL accuracy.image.top1 = 0.6 < 0.9 (min_image_top1)" in out
+
+    unmeasured = synthetic.artifact(name="Step-3.7-Flash-NVFP4A16", variant="NVFP4A16", source=real, changes={
+        "source.model": real, "tasks": TASKS, "accuracy.image": {"not_measured": "no image set (--dataset naming images)"}})
+    code, out, _ = run(capsys, unmeasured)
+    assert code == 1 and "FAIL accuracy.image: not measured: no image set" in out, out

@@ -212,7 +212,12 @@ def test_card_for_step37_names_the_vision_side(synthetic):
     prov = json.loads((art / "stepq.json").read_text())
     prov["tensors"] = {"model.layers.5.eh_proj.weight": {"role": "mtp_eh_proj", "action": "kept"}}
     (art / "stepq.json").write_text(json.dumps(prov))
+    report_path = art / "eval" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["accuracy"]["image"] = {"kld": {"mean": 0.0072, "p99": 0.068}, "top1": 0.9237, "ppl_ratio": 1.01}
+    report_path.write_text(json.dumps(report))
     card = build_card(art, gate(art).record, "org/tiny-step37-NVFP4")
+    assert "| image-conditioned mean / p99 KLD | 0.0072 / 0.068 |" in str(card)
     assert card.data.pipeline_tag == "image-text-to-text" and "step3p7" in card.data.tags
     assert "The vision tower and projector are kept in BF16" in str(card) and "layers 5–6" in str(card)
     # vLLM 0.33 needs the tower's own config names back (transformers renames them): the card says how
