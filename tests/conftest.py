@@ -63,3 +63,15 @@ class ConstantStats:
 @pytest.fixture(scope="session")
 def constant_stats() -> ConstantStats:
     return ConstantStats()
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The vLLM 0.33.0 env's python, built through `make vllm-env` when missing: never skipped, a failed build fails
+    the tests that need it."""
+    from eval.vllm_conformance import VllmEnvError, ensure_vllm_env
+
+    try:
+        return ensure_vllm_env()
+    except VllmEnvError as e:
+        pytest.fail(f"vLLM env: {e}", pytrace=False)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import torch
 
 import convert.fixtures as fixtures
-from eval.vllm_conformance import VLLM_VERSION, VllmEnvError, ensure_vllm_env, summary, verify_vllm
+from eval.vllm_conformance import VLLM_VERSION, summary, verify_vllm
 from stepq.cli import main as stepq_main
 from convert.safetensors_export import RECIPES_DIR
 
@@ -151,14 +151,6 @@ DERIVED = {  # name: (base variant, mutation)
     "gate-up-mismatch": ("nvfp4a16", gate_up_scale_mismatch),
     "nvfp4a16-without-mtp-kv-scales": ("nvfp4a16", without_mtp_kv_scales),
 }
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return ensure_vllm_env()
-    except VllmEnvError as e:  # never skip: a missing env is a failure with its reason
-        pytest.fail(f"vLLM env: {e}", pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from convert.fixtures import STEP37_FIXTURE
 from convert.safetensors_export import RECIPES_DIR
-from eval.vllm_conformance import VllmEnvError, ensure_vllm_env, summary, verify_vllm, vllm_hf_overrides
+from eval.vllm_conformance import summary, verify_vllm, vllm_hf_overrides
 from stepq.cli import main as stepq_main
 
 QUANT_METHOD = {"bf16": None, "fp8-block": "fp8", "fp8-block-all": "fp8", "fp8-dynamic": "compressed-tensors",
@@ -137,14 +137,6 @@ DERIVED = {  # name: (base variant, mutation)
     "without-mtp-kv-scales": ("nvfp4a16", without_mtp_kv_scales),
     "mtp-ignore-checkpoint-names": ("fp8-block", mtp_ignored_under_checkpoint_names),
 }
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    try:
-        return ensure_vllm_env()
-    except VllmEnvError as e:  # never skip: a missing env is a failure with its reason
-        pytest.fail(f"vLLM env: {e}", pytrace=False)
 
 
 @dataclass
