@@ -21,6 +21,7 @@ from transformers.models.step3p7.modeling_step3p7 import Step3p7Experts
 from calib.moe import ExpertInputQuant, GroupedMoE, HookSet
 from calib.reference import to_checkpoint_names
 from calib.stream import stream_forward
+from convert.arch.step37_vision import PREFIXES as VISION_PREFIXES
 from convert.artifact import ArtifactReader
 from convert.checkpoint import Checkpoint
 from convert.errors import BadInput
@@ -175,7 +176,9 @@ class InMemoryModel:
         cfg = weights.config.raw
         self.name, self.vocab_size = name, cfg["vocab_size"]
         self.model = ReferenceModel(cfg)
-        self.model.load_checkpoint_tensors({n: weights.read(n).float() for n in weights.tensors})
+        # the text stack: lm-eval's tasks are text (a Step-3.7 vision tower is not part of this model)
+        text = [n for n in weights.tensors if not n.startswith(VISION_PREFIXES)]
+        self.model.load_checkpoint_tensors({n: weights.read(n).float() for n in text})
         self.model.float().eval()
         if quantizer is not None:  # hooks stay for the model's lifetime
             for i, layer in enumerate(self.model.model.layers):

@@ -223,3 +223,20 @@ def test_a_broken_vision_config_is_one_line_exit_2(tmp_path, capsys, edit, says)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0] and says in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_eval_model_is_the_text_stack():
+    """lm-eval's in-memory model of a Step-3.7 source is its text stack: the Step-3.5 fixture's logits, plus the
+    image tokens' six columns (the vision tower is not loaded for text tasks)."""
+    from eval.forward import in_memory_model
+
+    ids = torch.arange(3, 67).reshape(2, 32)
+    logits = {}
+    for fixture in (BUNDLED_FIXTURE, STEP37_FIXTURE):
+        ckpt = open_checkpoint(fixture)
+        try:
+            logits[fixture.name] = in_memory_model(ckpt).logits(ids)
+        finally:
+            ckpt.close()
+    assert logits["tiny-step37"].shape[-1] == logits["tiny-step35"].shape[-1] + 6
+    assert torch.equal(logits["tiny-step37"][..., :-6], logits["tiny-step35"])
