@@ -240,3 +240,35 @@ def test_lm_eval_model_is_the_text_stack():
             ckpt.close()
     assert logits["tiny-step37"].shape[-1] == logits["tiny-step35"].shape[-1] + 6
     assert torch.equal(logits["tiny-step37"][..., :-6], logits["tiny-step35"])
+
+
+def test_transformers_generates_text_for_an_image():
+    """The fixture in transformers' own Step3p7ForConditionalGeneration: a chat with an image (a generated drawing,
+    preprocessed and expanded into its placeholder tokens by calib.images) generates text tokens, and the image
+    changes what is generated."""
+    from PIL import Image, ImageDraw
+    from transformers import AutoTokenizer, Step3p7ForConditionalGeneration
+
+    from calib.images import Preprocessor, placeholder_text, plan, preprocess
+
+    tok = AutoTokenizer.from_pretrained(STEP37_FIXTURE)
+    model = Step3p7ForConditionalGeneration.from_pretrained(STEP37_FIXTURE, dtype=torch.float32).eval()
+    pre = Preprocessor.from_dir(STEP37_FIXTURE)
+    image = Image.new("RGB", (1000, 600), "white")
+    ImageDraw.Draw(image).ellipse((100, 100, 500, 500), fill="red")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "def describe(image):"}]}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text.count("<im_patch>") == 1
+    pixels = preprocess(image, pre)
+    assert pixels.local is not None and pixels.local.shape[0] == 2  # two 504 px windows + the global view
+    ids = tok(text.replace("<im_patch>", placeholder_text(plan(*image.size, pre), pre)), return_tensors="pt").input_ids
+    kwargs = {"pixel_values": pixels.global_view}
+    if pixels.local is not None:
+        kwargs |= {"pixel_values_local": pixels.local, "num_local_patches": [pixels.local.shape[0]]}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **kwargs)[0, ids.shape[1]:]
+        blank = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **{
+            k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in kwargs.items()})[0, ids.shape[1]:]
+    assert len(out) == 12 and all(t < 1536 for t in out.tolist())  # text tokens, never an image placeholder
+    assert tok.decode(out).strip()
+    assert not torch.equal(out, blank)
