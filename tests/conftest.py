@@ -75,3 +75,25 @@ def vllm_python() -> Path:
         return ensure_vllm_env()
     except VllmEnvError as e:
         pytest.fail(f"vLLM env: {e}", pytrace=False)
+
+
+def _test_helper(name: str):
+    """tests/<name>.py, by path (importlib test mode: helper modules beside the tests are not importable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stepq_tests_{name}", Path(__file__).parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def gguf_compare():
+    """tests/gguf_compare.py: `contents`, `metadata`, `assert_same` for two GGUF files."""
+    return _test_helper("gguf_compare")
+
+
+@pytest.fixture(scope="session")
+def vision_reference():
+    """tests/vision_reference.py: vLLM's Perception Encoder formula in plain torch (`perception_encoder`)."""
+    return _test_helper("vision_reference")

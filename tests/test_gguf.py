@@ -85,32 +85,11 @@ def _reference_convert(tiny: Path, out: Path, *args: str) -> None:
     assert p.returncode == 0, f"llama.cpp's convert_hf_to_gguf.py failed:\n{(p.stdout + p.stderr)[-4000:]}"
 
 
-def _contents(path: Path) -> tuple[list, list]:
-    r = gguf.GGUFReader(path)
-    kv = [(k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items()]
-    tensors = [(t.name, [int(x) for x in t.shape], t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors]
-    return kv, tensors
-
-
-def _assert_same_gguf(ours: Path, ref: Path) -> None:
-    kv_o, t_o = _contents(ours)
-    kv_r, t_r = _contents(ref)
-    assert [k for k, _, _ in kv_o] == [k for k, _, _ in kv_r], "metadata keys or their order differ"
-    for (k, types_o, v_o), (_, types_r, v_r) in zip(kv_o, kv_r):
-        assert (types_o, v_o) == (types_r, v_r), f"metadata {k}: ours {types_o} {str(v_o)[:200]}, llama.cpp " \
-                                                 f"{types_r} {str(v_r)[:200]}"
-    assert [t[0] for t in t_o] == [t[0] for t in t_r], "tensor names or order differ"
-    for o, r in zip(t_o, t_r):
-        assert o[1:3] == r[1:3], f"tensor {o[0]}: ours {o[1:3]}, llama.cpp {r[1:3]}"
-        assert o[3] == r[3], f"tensor {o[0]}: bytes differ"
-    assert ours.read_bytes() == ref.read_bytes(), "same contents but the files differ (layout/padding)"
-
-
 @pytest.mark.parametrize("outtype,mode,split", [("BF16", "full", 0), ("Q8_0", "full", 0), ("BF16", "no-mtp", 0),
                                                 ("Q8_0", "full", 3_000_000), ("BF16", "mtp-only", 0),
                                                 ("Q8_0", "mtp-only", 0)],
                          ids=["BF16", "Q8_0", "BF16-no-mtp", "Q8_0-split", "BF16-mtp-only", "Q8_0-mtp-only"])
-def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, outtype, mode, split):
+def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, gguf_compare, outtype, mode, split):
     args = ["--outtype", outtype.lower()] + {"full": [], "no-mtp": ["--no-mtp"], "mtp-only": ["--mtp"]}[mode]
     args += ["--split-max-size", str(split)] if split else []
     _reference_convert(tiny, tmp_path / "ref" / "m.gguf", *args)
@@ -120,8 +99,8 @@ def test_identical_to_llama_cpp_converter(tiny, tmp_path, llama_cpp, outtype, mo
     assert [p.name for p in ours] == [p.name for p in refs]
     assert len(ours) == (1 if not split else len(refs)) and (not split or len(ours) > 1)
     for o, r in zip(ours, refs):
-        _assert_same_gguf(o, r)
-    kv = {k: v for k, _, v in _contents(ours[0])[0]}
+        gguf_compare.assert_same(o, r)
+    kv = gguf_compare.metadata(ours[0])
     n_trunk, n_mtp = 5, 2
     mtp = mode != "no-mtp"
     assert kv["step35.block_count"] == n_trunk + (n_mtp if mtp else 0)
@@ -234,7 +213,7 @@ def test_llama_cpp_tokenizes_like_hf(artifacts, tiny, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def evaluation(tiny, work, artifacts) -> dict:
+def evaluation(tiny, work, artifacts, gguf_compare) -> dict:
     """N_CHUNK x N_CTX eval tokens (HF tokenizer), the text llama.cpp gets, and the reference forward's
     log-probs (calib.reference) at the positions llama-perplexity scores: N_CTX/2 .. N_CTX-2 of each chunk."""
     from calib.reference import load_reference
@@ -245,7 +224,7 @@ def evaluation(tiny, work, artifacts) -> dict:
     ids = Tokenizer.from_file(str(tiny / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert len(ids) >= N_CTX * N_CHUNK
     tokens = np.array(ids[: N_CTX * N_CHUNK], dtype=np.int64).reshape(N_CHUNK, N_CTX)
-    kv = {k: v for k, _, v in _contents(artifacts["BF16"][0])[0] if k.startswith("tokenizer.ggml.")}
+    kv = {k: v for k, v in gguf_compare.metadata(artifacts["BF16"][0]).items() if k.startswith("tokenizer.ggml.")}
     inputs = tokens.copy()
     if kv.get("tokenizer.ggml.add_bos_token"):
         inputs[:, 0] = kv["tokenizer.ggml.bos_token_id"]  # llama-perplexity puts BOS first in every chunk
@@ -442,14 +421,14 @@ def test_row_size_fallback_recorded(odd, work, llama_cpp):
     assert math.isfinite(ppl) and ppl > 1
 
 
-def test_row_size_fallback_direct_type(odd, work, tmp_path, llama_cpp):
+def test_row_size_fallback_direct_type(odd, work, tmp_path, llama_cpp, gguf_compare):
     """Q8_0 written by gguf-py: rows of 200 fall back to F16, as llama.cpp's converter does (identical file),
     recorded in stepq.json."""
     _reference_convert(odd, tmp_path / "ref.gguf", "--outtype", "q8_0")
     out = export_gguf(odd, work / "odd-out", "Q8_0")
     files = sorted(out.glob("*.gguf"))
     ours = write_gguf(odd, tmp_path / "ours.gguf", "Q8_0").files[0]
-    _assert_same_gguf(ours, tmp_path / "ref.gguf")
+    gguf_compare.assert_same(ours, tmp_path / "ref.gguf")
     assert _tensors(files) == _tensors([ours])
     prov = json.loads((out / "stepq.json").read_text())
     assert prov["fallbacks"] == [f"blk.{i}.ffn_down_shexp.weight" for i in (2, 3, 4)]

@@ -51,19 +51,6 @@ from stepq.calibrate import calibrate
 from stepq.cli import main
 
 
-def _load_vision_reference():
-    """tests/vision_reference.py, by path (importlib test mode: helper modules beside the tests are not importable)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stepq_tests_vision_reference",
-                                                  Path(__file__).parent / "vision_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-VISION_REFERENCE = _load_vision_reference()
-
 DATA = Path(__file__).resolve().parent.parent / "fixtures" / "tiny-step35-data"
 TEXT, MMPROJ = "tiny-step37-Q4_K_M.gguf", "mmproj-tiny-step37-F16.gguf"
 N_TRUNK, N_MTP = 5, 2
@@ -101,39 +88,18 @@ def _reference(out: Path, *args: str) -> Path:
     return out
 
 
-def _contents(path: Path) -> tuple[list, list]:
-    r = gguf.GGUFReader(path)
-    kv = [(k, [t.name for t in f.types], f.contents()) for k, f in r.fields.items()]
-    tensors = [(t.name, [int(x) for x in t.shape], t.tensor_type.name, np.asarray(t.data).tobytes()) for t in r.tensors]
-    return kv, tensors
-
-
-def _assert_same_gguf(ours: Path, ref: Path) -> None:
-    """Key by key, tensor by tensor (for a message naming the first difference), then the whole file."""
-    kv_o, t_o = _contents(ours)
-    kv_r, t_r = _contents(ref)
-    assert [k for k, _, _ in kv_o] == [k for k, _, _ in kv_r], "metadata keys or their order differ"
-    for (k, types_o, v_o), (_, types_r, v_r) in zip(kv_o, kv_r):
-        assert (types_o, v_o) == (types_r, v_r), f"metadata {k}: ours {types_o} {str(v_o)[:200]}, llama.cpp " \
-                                                 f"{types_r} {str(v_r)[:200]}"
-    assert [t[:3] for t in t_o] == [t[:3] for t in t_r], "tensor names, order, shapes or types differ"
-    for o, r in zip(t_o, t_r):
-        assert o[3] == r[3], f"tensor {o[0]}: bytes differ"
-    assert ours.read_bytes() == ref.read_bytes(), "same contents but the files differ (layout/padding)"
-
-
 # -- identity with llama.cpp ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("outtype,mode", [("BF16", "full"), ("Q8_0", "no-mtp"), ("BF16", "mtp-only")],
                          ids=["BF16", "Q8_0-no-mtp", "BF16-mtp-only"])
-def test_text_gguf_identical_to_converter(tmp_path, llama_cpp, outtype, mode):
+def test_text_gguf_identical_to_converter(tmp_path, llama_cpp, gguf_compare, outtype, mode):
     args = ["--outtype", outtype.lower()] + {"full": [], "no-mtp": ["--no-mtp"], "mtp-only": ["--mtp"]}[mode]
     ref = _reference(tmp_path / "ref.gguf", *args)
     ours = write_gguf(STEP37_FIXTURE, tmp_path / "ours.gguf", outtype, mtp=mode != "no-mtp",
                       mtp_only=mode == "mtp-only").files
     assert len(ours) == 1
-    _assert_same_gguf(ours[0], ref)
-    kv = {k: v for k, _, v in _contents(ours[0])[0]}
+    gguf_compare.assert_same(ours[0], ref)
+    kv = gguf_compare.metadata(ours[0])
     names = {t.name for t in gguf.GGUFReader(ours[0]).tensors}
     assert kv["general.architecture"] == "step35" and kv["step35.embedding_length"] == 256
     assert len(kv["tokenizer.ggml.tokens"]) == 1542 and kv["tokenizer.ggml.tokens"][1536] == "<im_patch>"
@@ -145,7 +111,7 @@ def test_text_gguf_identical_to_converter(tmp_path, llama_cpp, outtype, mode):
 
 
 @pytest.mark.parametrize("outtype", ["F16", "Q8_0", "BF16", "F32"])
-def test_mmproj_identical_to_converter(tmp_path, variants, outtype):
+def test_mmproj_identical_to_converter(tmp_path, variants, gguf_compare, outtype):
     """F16 is the file in the variant folder (written in the export's one pass); the other types through
     write_mmproj. Q8_0: the 560-wide MLP rows fall back to F16, the convolutions stay F32, as the converter does."""
     ref = _reference(tmp_path / "ref.gguf", "--mmproj", "--outtype", outtype.lower())
@@ -157,8 +123,8 @@ def test_mmproj_identical_to_converter(tmp_path, variants, outtype):
             ours = write_mmproj(ckpt, tmp_path / "ours.gguf", outtype)
         finally:
             ckpt.close()
-    _assert_same_gguf(ours, ref)
-    kv = {k: v for k, _, v in _contents(ours)[0]}
+    gguf_compare.assert_same(ours, ref)
+    kv = gguf_compare.metadata(ours)
     assert (kv["general.architecture"], kv["general.type"], kv["clip.projector_type"]) == ("clip", "mmproj", "step3vl")
     assert (kv["clip.vision.embedding_length"], kv["clip.vision.block_count"], kv["clip.vision.projection_dim"]) == \
         (96, 2, 256)
@@ -319,7 +285,7 @@ def _llama_cpp_image_embeddings(model: Path, mmproj: Path, image: Path) -> np.nd
         llama_cpp.llama_model_free(lm)
 
 
-def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path):
+def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path, vision_reference):
     """llama.cpp's image embeddings from the mmproj against the vision tower + projector as vLLM computes them
     (tests/vision_reference.py), on a 728 x 728 image (the global view alone, no resize on any side): equal to the F16
     weights' precision.
@@ -341,7 +307,7 @@ def test_mmproj_image_embeddings_match_the_vision_tower(variants, tmp_path):
     pixels = preprocess(Image.open(image).convert("RGB"), Preprocessor.from_dir(STEP37_FIXTURE))
     assert pixels.local is None  # a square image of the global view's size: one view, no local patches
     with torch.no_grad():
-        ref = VISION_REFERENCE.perception_encoder(STEP37_FIXTURE, pixels.global_view).numpy()
+        ref = vision_reference.perception_encoder(STEP37_FIXTURE, pixels.global_view).numpy()
     transformers_as_is = load_tower_from_dir(STEP37_FIXTURE, engine_rope=False).features(pixels).float().numpy()
     stepq_tower = load_tower_from_dir(STEP37_FIXTURE).features(pixels).float().numpy()  # stepq's tower
 

@@ -157,22 +157,16 @@ def test_features_are_from_pretrained_bit_for_bit(dtype):
         assert torch.equal(mine, want)
 
 
-def test_the_tower_computes_what_vllm_and_llama_cpp_serve():
+def test_the_tower_computes_what_vllm_and_llama_cpp_serve(vision_reference):
     """stepq's tower (transformers' with the engines' RoPE axis order) against vLLM's Perception Encoder formula in
     plain torch (tests/vision_reference.py, which llama.cpp's mmproj also matches): equal to float32 rounding on
     the global view and on a local patch; transformers' own order is far from it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stepq_tests_vision_reference",
-                                                  Path(__file__).parent / "vision_reference.py")
-    ref_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref_module)
     px = I.preprocess(drawing((1100, 600), seed=2), PRE)
     assert px.local is not None
     engines, theirs = I.load_tower_from_dir(STEP37_FIXTURE), I.load_tower_from_dir(STEP37_FIXTURE, engine_rope=False)
     for view in (px.global_view, px.local[:1]):
         with torch.no_grad():
-            ref = ref_module.perception_encoder(STEP37_FIXTURE, view)
+            ref = vision_reference.perception_encoder(STEP37_FIXTURE, view)
             mine = engines.projector(engines.vision_model(view).last_hidden_state)[0]
             hf = theirs.projector(theirs.vision_model(view).last_hidden_state)[0]
         rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731

@@ -1,5 +1,6 @@
 """The vision tower + projector as vLLM 0.33 computes them, in plain torch: the reference stepq's tower (calib.images)
-and llama.cpp's mmproj are measured against. Loaded by path from the tests that use it (importlib test mode)."""
+and llama.cpp's mmproj are measured against. Loaded by path through the `vision_reference` fixture (importlib test
+mode)."""
 
 from __future__ import annotations
 
