@@ -379,6 +379,17 @@ def metadata_writer(ckpt: Checkpoint, plan: list[PlannedTensor], qt: QT, mtp: bo
     return w, tok
 
 
+def write_whole(w: gguf.GGUFWriter, out_file: Path) -> None:
+    """A writer with every tensor added (or streamed) -> its file(s) on disk; the writer is closed either way."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        w.write_header_to_file(path=out_file)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+    finally:
+        w.close()
+
+
 def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: str = "BF16", mtp: bool = True,
                split_max_bytes: int = 0, model_name: str | None = None, mtp_only: bool = False) -> GGUFExport:
     """Write `out_file` (or its `-0000i-of-0000N` shards when the data exceeds `split_max_bytes` > 0).
@@ -394,13 +405,7 @@ def write_gguf(model: str | Path | Checkpoint, out_file: str | Path, outtype: st
         plan = plan_tensors(ckpt, outtype, mtp, mtp_only)
         w, tok = metadata_writer(ckpt, plan, qt, mtp, model_name, split_max_bytes)
         n_files = len(w.tensors)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            w.write_header_to_file(path=out_file)
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=False)
-        finally:
-            w.close()
+        write_whole(w, out_file)
         return GGUFExport(shard_paths(out_file, n_files), plan, tok, qt.name, mtp, mtp_only)
     finally:
         if own:

@@ -27,7 +27,7 @@ from gguf.gguf_writer import GGUFValue
 from convert.checkpoint import Checkpoint
 from convert.config import model_name
 from convert.errors import BadInput
-from convert.gguf_export import StreamedTensor, general_metadata
+from convert.gguf_export import StreamedTensor, general_metadata, write_whole
 from convert.gguf_names import QT, PlannedTensor
 from quant.roles import VISION_ROLES
 
@@ -133,13 +133,7 @@ def write_mmproj(ckpt: Checkpoint, out_file: str | Path, outtype: str = DEFAULT_
     """The mmproj file alone, through gguf-py's writer (the export writes it in its one pass instead)."""
     w = mmproj_writer(ckpt, plan_mmproj(ckpt, outtype), outtype)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        w.write_header_to_file(path=out_file)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
-    finally:
-        w.close()
+    write_whole(w, out_file)
     return out_file
 
 
