@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from calib.images import IMAGE_SUFFIXES, ImageRef, ImageRows
-from convert.config import SIDE_FILES, model_file
+from convert.config import SIDE_FILES, load_config, model_file
 from convert.errors import BadInput
 from convert.fixtures import BUNDLED_FIXTURE, BUNDLED_FIXTURES
 from convert.hashing import file_sha256
@@ -440,15 +440,11 @@ def _image_calibration(model_dir: Path, source: Source, tok, n: int, seq_len: in
         plan,
     )
 
-    cfg_path = model_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        raise BadInput(f"{cfg_path}: unreadable")
-    if not isinstance(cfg.get("vision_config"), dict) or "image_token_id" not in cfg:
+    vision = load_config(model_dir).vision
+    if vision is None:
         raise BadInput(f"{source.id}: an image set, but {model_dir} has no vision tower (a Step-3.7 checkpoint does)")
     pre = Preprocessor.from_dir(model_dir)
-    ids = image_token_ids(tok, model_dir, int(cfg["image_token_id"]))
+    ids = image_token_ids(tok, model_dir, vision.image_token_id)
     samples = list(source.samples)
     rng.shuffle(samples)
     if n > len(samples):
