@@ -2,6 +2,8 @@
 # Variables: MODEL OUT DATASET SCHEME QTYPE REVISION REPO_ID DRY_RUN ARTIFACT FORCE (=1 replaces an existing artifact)
 # IMATRIX (=1: GGUF K/IQ quants with an importance matrix from stepq's calibration).
 # DEVICE (auto, cpu, cuda, cuda:N) and DTYPE (bfloat16, float32): where calibration and eval run their forward.
+# EXECUTOR (local, ray) and RAY_ADDRESS (host:port of `ray start --head`; empty: a local Ray): where calibrate and
+# quantize run their work (README "Scale out on Ray"; Ray comes with `make setup`, or `pip install -e '.[ray]'`).
 # METHOD (rtn, search, gptq, gptq+search): how weights are rounded; quant-nvfp4 defaults to gptq (bench/README.md
 # "Quantization methods": the lowest KLD measured), quant-fp8 to rtn.
 SHELL := /bin/bash
@@ -30,6 +32,9 @@ METHOD ?=
 DEVICE ?=
 DTYPE ?=
 COMPUTE = $(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE))
+EXECUTOR ?=
+RAY_ADDRESS ?=
+SCALE = $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(and $(filter ray,$(EXECUTOR)),$(RAY_ADDRESS)),--ray-address $(RAY_ADDRESS))
 
 .PHONY: setup pull calibrate quant-fp8 quant-nvfp4 quant-gguf eval gate publish bench test fixture inspect clean
 
@@ -51,20 +56,20 @@ inspect: $(STAMP)
 	$(STEPQ) inspect $(MODEL)
 
 calibrate: $(STAMP)
-	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force) $(COMPUTE)
+	$(STEPQ) calibrate $(MODEL) $(if $(DATASET),--dataset $(DATASET)) --out $(OUT) $(if $(FORCE),--force) $(COMPUTE) $(SCALE)
 
 quant-fp8: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(if $(METHOD),--method $(METHOD) $(COMPUTE))
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),fp8-block) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(if $(METHOD),--method $(METHOD) $(COMPUTE)) $(SCALE)
 
 quant-nvfp4: $(STAMP)
-	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --method $(or $(METHOD),gptq) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(COMPUTE)
+	$(STEPQ) quantize $(MODEL) --scheme $(or $(SCHEME),nvfp4) --method $(or $(METHOD),gptq) --out $(OUT) $(if $(FORCE),--force) $(if $(DATASET),--dataset $(DATASET)) $(COMPUTE) $(SCALE)
 
 # quant-gguf: QTYPE=Q4_K_M (default); IMATRIX=1 quantizes with stepq's calibration (required by IQ2_XXS, IQ2_XS,
 # IQ2_S, IQ2_M, IQ3_XXS, IQ1_S, IQ1_M); NO_MTP=1 drops the MTP head; MTP_ONLY=1 writes only the MTP draft
 # (out/<model>-GGUF-<QTYPE>-MTP/mtp-<model>-<QTYPE>.gguf) for llama.cpp's --spec-draft-model beside a NO_MTP=1 trunk.
 # Step-3.7: the folder also holds mmproj-<model>-F16.gguf, the vision tower and projector (llama-mtmd-cli --mmproj).
 quant-gguf: $(STAMP) llama-cpp
-	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(NO_MTP),--no-mtp) $(if $(MTP_ONLY),--mtp-only) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET)))
+	$(STEPQ) quantize $(MODEL) --scheme gguf $(if $(QTYPE),--qtype $(QTYPE)) --out $(OUT) $(if $(FORCE),--force) $(if $(NO_MTP),--no-mtp) $(if $(MTP_ONLY),--mtp-only) $(if $(IMATRIX),--imatrix $(if $(DATASET),--dataset $(DATASET))) $(SCALE)
 
 # ARTIFACT defaults to the variant the last `make quant-*` wrote (OUT/.last-artifact).
 eval: $(STAMP)

@@ -38,7 +38,7 @@ from convert.ledger import LEDGER_NAME
 ROOT = Path(__file__).resolve().parent.parent
 STEPQ = [sys.executable, "-m", "stepq.cli"]
 # stepq.json fields that describe the run rather than the artifact (wall times, peak memory of that process).
-RUN_FIELDS = ("timings", "peak_rss_mib")
+RUN_FIELDS = ("timings", "peak_rss_mib", "executor")  # the executor: local or Ray, same bytes (tests/test_ray.py)
 
 
 def artifact_digest(folder: Path) -> dict[str, str]:
@@ -49,7 +49,7 @@ def artifact_digest(folder: Path) -> dict[str, str]:
         if p.name == "stepq.json":
             prov = json.loads(data)
             for k in RUN_FIELDS:
-                prov.pop(k)
+                prov.pop(k, None)
             data = json.dumps(prov, sort_keys=True).encode()
         digest[p.name] = hashlib.sha256(data).hexdigest()
     return digest
@@ -204,7 +204,7 @@ def stats_digest(path: Path) -> str:
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["stepq_calibration"])
         for k in RUN_FIELDS:
-            meta.pop(k)
+            meta.pop(k, None)
         h.update(json.dumps(meta, sort_keys=True).encode())
         for name in sorted(f.keys()):
             t = f.get_tensor(name)

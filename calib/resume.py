@@ -40,7 +40,7 @@ ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "floa
 
 
 def run_key(source: dict, data: CalibData, all_experts: bool, compute: Compute, spill_bytes: int,
-            micro_batch_tokens: int) -> str:
+            micro_batch_tokens: int, executor: dict | None = None) -> str:
     """sha256 of everything the statistics file depends on (but where the model lives and the run's timings): a
     run continues an interrupted one only under the same key."""
     inputs = {
@@ -53,6 +53,8 @@ def run_key(source: dict, data: CalibData, all_experts: bool, compute: Compute, 
         # micro-batches set how squares are summed; the spill size shows in the metadata
         "micro_batch_tokens": micro_batch_tokens, "spill_bytes": spill_bytes, "versions": versions("stepq", "torch", "transformers"),
     }
+    if executor is not None:  # sharded sums of squares may round apart from a local run's: never mixed in one file
+        inputs["executor"] = executor
     return digest(inputs)
 
 

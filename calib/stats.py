@@ -28,6 +28,7 @@ from convert.durable import WriteFailed, replace_durably
 from convert.errors import BadInput
 from convert.hashing import file_sha256
 from convert.provenance import hub_blob_sha256
+from convert.reopen import reopened, sizes
 
 log = logging.getLogger("stepq.calib")
 
@@ -183,16 +184,28 @@ class StatsCollector:
 
     def restore_state(self, state: dict[str, torch.Tensor]) -> None:
         """Take back what `take_state` gave (a resumed run, for the layers it does not run again)."""
-        by_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in state.items():
-            module, field = key.rsplit(".", 1)
-            by_module.setdefault(module, {})[field] = t
-        for module, fields in by_module.items():
+        for module, fields in _by_module(state).items():
             if "expert_load" in fields:
                 self.load[int(module.split(".")[2])] = fields["expert_load"]
             else:
                 self.acc[module] = _Acc.restored(**fields)
         self._taken.update(state)
+
+    def merge_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Add what a collector in another process recorded over other rows of the same layer (calib.distributed):
+        maxima, sums and counts, in the order the caller merges them."""
+        for module, fields in _by_module(state).items():
+            if "expert_load" in fields:
+                layer = int(module.split(".")[2])
+                self.load[layer] = self.load[layer] + fields["expert_load"] if layer in self.load else \
+                    fields["expert_load"].clone()
+            elif module in self.acc:
+                acc = self.acc[module]
+                torch.maximum(acc.amax, fields["amax"], out=acc.amax)
+                acc.sumsq += fields["sumsq"]
+                acc.tokens += fields["tokens"]
+            else:  # the first shard: its values, as zeros plus them would be
+                self.acc[module] = _Acc.restored(**{f: t.clone() for f, t in fields.items()})
 
     def result(self) -> tuple[dict[str, torch.Tensor], dict]:
         """-> (tensors for stats.safetensors, summary for the metadata)."""
@@ -206,6 +219,15 @@ class StatsCollector:
             without[str(layer)] = [int(e) for e in (seen == 0).nonzero().flatten()]
             never[str(layer)] = [int(e) for e in (load == 0).nonzero().flatten()]
         return tensors, {"experts_without_tokens": without, "experts_never_routed": never}
+
+
+def _by_module(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`take_state`'s flat keys (`module.field`) grouped by module."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        module, field = key.rsplit(".", 1)
+        by_module.setdefault(module, {})[field] = t
+    return by_module
 
 
 # ---- provenance ------------------------------------------------------------------------------------------------------
@@ -293,6 +315,11 @@ class CalibStats:
             raise BadInput(f"{path}: statistics format {meta.get('format_version')}, expected {FORMAT_VERSION}")
         return cls(path, tensors, meta)
 
+    def __reduce__(self):
+        """Pickled by name (a Ray task): the receiving process opens the file itself (convert.reopen)."""
+        path = self.path.resolve()
+        return reopened, ("stats", load_stats, sizes([path]), str(path))
+
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
@@ -374,3 +401,8 @@ class CalibStats:
                 and src.get("shards") == mine["shards"] and (m.get("n"), m.get("seq_len"), m.get("seed"),
                                                              m.get("all_experts"), m.get("compute_dtype"))
                 == (n, seq_len, seed, all_experts, dtype))
+
+
+def load_stats(path: str | Path) -> CalibStats:
+    """CalibStats.load as a module-level function: pickled by reference (a classmethod would go by value)."""
+    return CalibStats.load(path)

@@ -78,6 +78,13 @@ def _run_observed(observer, module: nn.Module, prefix: str, layer: int, run) -> 
         observer.detach(layer)
 
 
+class ShardRunner(Protocol):
+    """Runs layer `i` over x's rows as shards on other workers, writes y, merges their statistics into observer
+    (calib.distributed.RayShards)."""
+
+    def run_layer(self, i: int, x: Activations, y: Activations, ids: torch.Tensor, observer, bar) -> None: ...
+
+
 class Checkpoints(Protocol):
     """Per-layer checkpoints (calib.resume.LayerCheckpoints). Layers are numbered as in the checkpoint: trunk, then
     MTP. A layer's checkpoint covers what the observer recorded since the previous one: the lm_head inputs go with
@@ -245,6 +252,64 @@ class _Progress:
         self.bar.close()
 
 
+@dataclass
+class Frame:
+    """What every layer call of a run needs besides its weights and rows: built alike on the driver and on a Ray
+    worker running a shard of the rows (calib.distributed)."""
+
+    config: object  # the trunk's transformers config
+    rope: dict      # layer type -> (cos, sin) on the device
+    pos: torch.Tensor
+    mask: dict
+    embed: torch.Tensor
+    compute: Compute
+    bsz: int        # sequences per micro-batch
+
+
+def frame_for(ckpt: Checkpoint, compute: Compute, seq_len: int, bsz: int) -> Frame:
+    trunk_config = text_config(ckpt.config.raw)
+    rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table
+    pos = torch.arange(seq_len)[None]
+    dummy = torch.empty(0, dtype=compute.dtype)
+    rope = {lt: tuple(t.to(compute.device) for t in rotary(dummy, pos, lt)) for lt in set(trunk_config.layer_types)}
+    return Frame(trunk_config, rope, pos.to(compute.device), masks(seq_len, trunk_config.sliding_window,
+                                                                    compute.device),
+                 ckpt.read("model.embed_tokens.weight"), compute, bsz)
+
+
+def run_trunk_rows(fr: Frame, layer: nn.Module, i: int, x, y, bar) -> None:
+    """Trunk layer `i` over every row of x [n, L, H] (Activations or a tensor), a micro-batch at a time, into y."""
+    lt, n, dev = fr.config.layer_types[i], x.shape[0], fr.compute.device
+    for b in range(0, n, fr.bsz):
+        r = slice(b, min(b + fr.bsz, n))
+        y[r] = layer(x[r].to(dev, non_blocking=True), attention_mask=fr.mask[lt], position_embeddings=fr.rope[lt],
+                     position_ids=fr.pos)
+        bar.update((r.stop - b) * x.shape[1])
+
+
+def run_mtp_rows(fr: Frame, layer: nn.Module, k: int, prefix: str, x, y, ids: torch.Tensor, observer,
+                 heads: HeadSink | None, bar, first_row: int = 0) -> None:
+    """MTP depth k over every row: at position t it sees tokens <= t+k, so its input is the previous hidden
+    x[:, :L-k] and embed(ids[:, k:]); the head's input goes to the observer, its logits to `heads`."""
+    n, t, dev = x.shape[0], ids.shape[1] - k, fr.compute.device
+    swa, rope_swa = fr.mask["sliding_attention"], fr.rope["sliding_attention"]
+    for b in range(0, n, fr.bsz):
+        r = slice(b, min(b + fr.bsz, n))
+        e = F.embedding(ids[r, k:], fr.embed).to(fr.compute.dtype).to(dev, non_blocking=True)
+        out = layer(e, x[r, :t].to(dev, non_blocking=True), swa[..., :t, :t], (rope_swa[0][:, :t], rope_swa[1][:, :t]),
+                    fr.pos[:, :t])
+        y[r] = out
+        head = layer.transformer.shared_head
+        if observer or heads is not None:
+            h = head.norm(out)
+            if observer:
+                observer.head_input(f"{prefix}transformer.shared_head.output", h)
+            if heads is not None:
+                _heads(h, head.output.weight, fr.compute, first_row + b,
+                       lambda row, start, logits: heads.mtp(k, row, start, logits))
+        bar.update((r.stop - b) * t)
+
+
 def _device_bytes(compute: Compute) -> int:
     if compute.device.type != "cuda":
         return 0
@@ -257,14 +322,19 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
                    keep_outputs: bool = False, heads: HeadSink | None = None, compute: Compute | None = None,
                    spill_bytes: int = SPILL_BYTES, micro_batch_tokens: int | None = None,
                    tmp_dir: str | None = None, progress: bool = True,
-                   checkpoints: Checkpoints | None = None, images: ImageRows | None = None) -> StreamResult:
+                   checkpoints: Checkpoints | None = None, images: ImageRows | None = None,
+                   shards: ShardRunner | None = None) -> StreamResult:
     """Run `ids` [N, L] through every layer of the checkpoint (trunk, then MTP), one layer's weights at a time.
 
     heads: receives the trunk and MTP logits per micro-batch (eval). keep_outputs=True keeps them all, and the trunk
     hidden state, in the result (tests, the fixture). compute: device and dtypes (default: CPU, float32).
     checkpoints: persist each finished layer and start after the last one an earlier run finished (calibration;
     not with logits, which need every layer run in this call). images: the image features each row takes at its
-    `<im_patch>` positions (an image set; the vision tower is read from `ckpt`)."""
+    `<im_patch>` positions (an image set; the vision tower is read from `ckpt`). shards: run each layer as
+    data-parallel shards of the rows elsewhere (calib.distributed: Ray) and merge their statistics into `observer`
+    (calibration only: no logits, no LayerDriver)."""
+    if shards is not None and (keep_outputs or heads is not None or hasattr(observer, "run_layer")):
+        raise ValueError("shards run calibration statistics only: no logits, no LayerDriver")
     if (keep_outputs or heads is not None) and checkpoints is not None:
         raise ValueError("logits need every layer run in this call: no checkpoints")
     if (keep_outputs or heads is not None) and hasattr(observer, "run_layer"):
@@ -281,14 +351,8 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     bsz = max(1, micro_batch_tokens // seq_len)
     # the embedding output is the largest activation: it decides, whatever layer a resumed run starts at
     res = StreamResult(spilled=n_seq * seq_len * h_dim * dtype.itemsize > spill_bytes, micro_batch_tokens=bsz * seq_len)
-    trunk_config = text_config(cfg.raw)
-    rotary = Step3p7RotaryEmbedding(trunk_config)  # MTP layers reuse the trunk's sliding table
-    pos = torch.arange(seq_len)[None]
-    dummy = torch.empty(0, dtype=dtype)
-    rope = {lt: tuple(t.to(dev) for t in rotary(dummy, pos, lt)) for lt in set(trunk_config.layer_types)}
-    pos = pos.to(dev)
-    mask = masks(seq_len, trunk_config.sliding_window, dev)
-    embed = ckpt.read("model.embed_tokens.weight")
+    fr = frame_for(ckpt, compute, seq_len, bsz)
+    trunk_config, embed = fr.config, fr.embed
     device_bytes = _device_bytes(compute)
     t_start = time.time()
 
@@ -322,24 +386,26 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
         res.timings["embed_s"] = time.time() - t_start
 
     order = [i for i in range(cfg.num_layers) if i > done]
-    pipeline = LayerPipeline(ckpt, order, compute, heads is not None)
+    # With shards (calib.distributed) the workers build and run the layers; the driver only merges
+    pipeline = LayerPipeline(ckpt, order if shards is None else [], compute, heads is not None)
     try:
         for i in range(done + 1, cfg.num_trunk_layers):
             t0 = time.time()
-            layer, prefix = pipeline.get(i)
-            res.timings[f"layer_{i}_wait_s"] = time.time() - t0
-            lt = trunk_config.layer_types[i]
             y = new(seq_len, i)
+            desc = f"layer {i + 1}/{cfg.num_layers}"
+            if shards is not None:
+                with _Progress(n_seq * seq_len, desc, progress) as bar:
+                    shards.run_layer(i, x, y, ids, observer, bar)
+            else:
+                layer, prefix = pipeline.get(i)
+                res.timings[f"layer_{i}_wait_s"] = time.time() - t0
 
-            def run(note: str, i=i, lt=lt, layer=layer, y=y) -> None:
-                with _Progress(n_seq * seq_len, f"layer {i + 1}/{cfg.num_layers}{note}", progress) as bar:
-                    for b in range(0, n_seq, bsz):
-                        y[rows(b)] = layer(x[rows(b)].to(dev, non_blocking=True), attention_mask=mask[lt],
-                                           position_embeddings=rope[lt], position_ids=pos)
-                        bar.update((rows(b).stop - b) * seq_len)
+                def run(note: str, i=i, layer=layer, x=x, y=y, desc=desc) -> None:
+                    with _Progress(n_seq * seq_len, desc + note, progress) as bar:
+                        run_trunk_rows(fr, layer, i, x, y, bar)
 
-            _run_observed(observer, layer, prefix, i, run)
-            del layer, run
+                _run_observed(observer, layer, prefix, i, run)
+                del layer, run
             x = finish(i, x, y)
             res.timings[f"layer_{i}_s"] = time.time() - t0
 
@@ -366,36 +432,27 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
                 res.hidden = torch.cat(hidden)
             res.timings["lm_head_s"] = time.time() - t0
 
-        # MTP depth k at position t sees tokens <= t+k: input = previous hidden[:, :L-k] and embed(ids[:, k:]).
-        rope_swa, swa = rope["sliding_attention"], mask["sliding_attention"]
+        # MTP depth k at position t sees tokens <= t+k (run_mtp_rows)
         for k, i in enumerate(cfg.mtp_layers, start=1):
             if i <= done:
                 continue
             t0 = time.time()
-            layer, prefix = pipeline.get(i)
-            res.timings[f"layer_{i}_wait_s"] = time.time() - t0
             t = seq_len - k
             y = new(t, i)
+            desc = f"layer {i + 1}/{cfg.num_layers} (MTP {k})"
+            if shards is not None:
+                with _Progress(n_seq * t, desc, progress) as bar:
+                    shards.run_layer(i, x, y, ids, observer, bar)
+            else:
+                layer, prefix = pipeline.get(i)
+                res.timings[f"layer_{i}_wait_s"] = time.time() - t0
 
-            def run(note: str, i=i, k=k, t=t, layer=layer, prefix=prefix, y=y) -> None:
-                with _Progress(n_seq * t, f"layer {i + 1}/{cfg.num_layers} (MTP {k}){note}", progress) as bar:
-                    for b in range(0, n_seq, bsz):
-                        e = F.embedding(ids[rows(b), k:], embed).to(dtype).to(dev, non_blocking=True)
-                        out = layer(e, x[rows(b), :t].to(dev, non_blocking=True), swa[..., :t, :t],
-                                    (rope_swa[0][:, :t], rope_swa[1][:, :t]), pos[:, :t])
-                        y[rows(b)] = out
-                        head = layer.transformer.shared_head
-                        if observer or heads is not None:
-                            h = head.norm(out)
-                            if observer:
-                                observer.head_input(f"{prefix}transformer.shared_head.output", h)
-                            if heads is not None:
-                                _heads(h, head.output.weight, compute, b,
-                                       lambda row, start, logits, k=k: heads.mtp(k, row, start, logits))
-                        bar.update((rows(b).stop - b) * t)
+                def run(note: str, k=k, t=t, layer=layer, prefix=prefix, x=x, y=y, desc=desc) -> None:
+                    with _Progress(n_seq * t, desc + note, progress) as bar:
+                        run_mtp_rows(fr, layer, k, prefix, x, y, ids, observer, heads, bar)
 
-            _run_observed(observer, layer, prefix, i, run)
-            del layer, run
+                _run_observed(observer, layer, prefix, i, run)
+                del layer, run
             x = finish(i, x, y)
             res.timings[f"layer_{i}_s"] = time.time() - t0
     finally:

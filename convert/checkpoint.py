@@ -16,6 +16,7 @@ from convert.arch.step35 import TensorInfo, classify, expected_tensors
 from convert.config import SIDE_FILES, Step35Config, load_config, model_file, model_roots
 from convert.errors import BadInput
 from convert.provenance import file_identity
+from convert.reopen import reopened, sizes
 from convert.safetensors_io import Entry, SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -59,6 +60,14 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.shards.values():
             f.close()
+
+    def __reduce__(self):
+        """Pickled by name (a Ray task): the receiving process opens the folder itself (convert.reopen)."""
+        if type(self) is not Checkpoint:
+            raise TypeError(f"{type(self).__name__} cannot be sent to another process")
+        folder = self.dir.resolve()
+        files = [folder / "config.json", *(folder / s for s in sorted(self.shards))]
+        return reopened, ("checkpoint", open_checkpoint, sizes(files), str(folder))
 
 
 def _safe_relative(model_dir: Path, rel: str, where: Path, tensor: str | None = None) -> str:

@@ -7,7 +7,7 @@ reader thread and faults the pages in there, so the disk works while the cores q
 quantize kernels release the GIL (numba `nogil`) and spread each call over all cores themselves. Memory stays
 bounded: at most `prefetch` read-ahead units plus `workers + 1` results exist at once.
 
-A multi-node executor (Ray) implements the same `map`: see bench/README.md. For that, a task's `read` and `compute`
+A multi-node executor implements the same `map`: `convert.ray_executor.RayExecutor`. For that, a task's `read` and `compute`
 must be picklable (module-level functions or `functools.partial`s of them over plain arguments: a shard path and
 byte range, a tensor name and expert index, the layout object), not closures over open files.
 """
@@ -45,6 +45,11 @@ class Executor(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def describe(executor: Executor) -> dict:
+    """Where the pieces ran, for stepq.json (the bytes do not depend on it)."""
+    return getattr(executor, "label", None) or {"executor": "local"}
 
 
 def run_inline(task: Task) -> Any:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from convert.checkpoint import Checkpoint, open_checkpoint
 from convert.config import model_name
 from convert.errors import BadInput
-from convert.executor import Executor, LocalExecutor
+from convert.executor import Executor, LocalExecutor, describe
 from convert.ggml_quants import ggml_type
 from convert.gguf_export import GGUFExport, describe_gguf
 from convert.gguf_mmproj import DEFAULT_TYPE as MMPROJ_TYPE
@@ -146,6 +146,7 @@ def _export(job: _Job, out_dir: Path, force: bool, source: str, revision: str | 
         if mm_tensors:
             prov["mmproj"] = _mmproj_provenance(job, mm_tensors, files)
             prov["source"]["files"].update(source_files(job.ckpt.dir, list(PREPROCESSOR_FILES), file_sha256))
+        prov["executor"] = describe(executor)
         if job.imatrix is not None:
             prov["imatrix"] = {"from": "stepq calibration statistics", "statistics_sha256": job.imatrix.sha256}
         writer.write_json("stepq.json", prov)

@@ -330,9 +330,10 @@ def read_piece(ckpt: Checkpoint, piece: Piece, rope_factors: np.ndarray | None) 
     return w[piece.row:piece.row + piece.count]
 
 
-def convert_piece(piece: Piece, importance: Importance | None, converter: StreamedTensor, rows: torch.Tensor
+def convert_piece(piece: Piece, imatrix: np.ndarray | None, converter: StreamedTensor, rows: torch.Tensor
                   ) -> np.ndarray | torch.Tensor:
-    """The piece's bytes as the output stores them."""
+    """The piece's bytes as the output stores them; `imatrix`: its matrix's column weights (`Importance.weights`),
+    looked up by the caller so that a task sent to another process carries one vector, not the whole imatrix."""
     t = piece.tensor
     if t.qtype == t.p.qtype:  # a direct type's tensor, or kept in the intermediate's type (F32)
         if converter.raw_copy:  # the source's own bytes (mmap'd, read-only): handed on without a copy
@@ -342,7 +343,6 @@ def convert_piece(piece: Piece, importance: Importance | None, converter: Stream
     if not bool(torch.isfinite(rows).all()):
         raise BadInput(f"tensor {t.p.source}: contains NaN or Inf")
     values = rows.to(torch.bfloat16).to(torch.float32).numpy()  # the BF16 intermediate's values
-    imatrix = importance.weights(t.p.name, piece.expert or 0) if importance is not None else None
     try:
         return ggml_quants.quantize(int(t.qtype), values, imatrix)
     except ValueError as e:
@@ -354,8 +354,10 @@ def tensor_tasks(ckpt: Checkpoint, t: QuantTensor, importance: Importance | None
     converter = StreamedTensor(ckpt, t.p, llama3_rope_factors(ckpt.config) if t.p.source is None else None)
     ps = pieces(t)
     src_bytes = ckpt.tensors[t.p.source].entry.nbytes if t.p.source is not None else 0
+    quantized = t.qtype != t.p.qtype and importance is not None
     return [Task((t, piece, i == len(ps) - 1), partial(read_piece, ckpt, piece, converter.rope_factors),
-                 partial(convert_piece, piece, importance, converter), src_bytes // len(ps))
+                 partial(convert_piece, piece, importance.weights(t.p.name, piece.expert or 0) if quantized else None,
+                         converter), src_bytes // len(ps))
             for i, piece in enumerate(ps)]
 
 

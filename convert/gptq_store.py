@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from convert.errors import BadInput
+from convert.reopen import reopened, sizes
 
 RECORDS_KEY = "stepq.gptq.records"  # calib.gptq: how each module / expert of the layer was quantized (JSON bytes)
 LAYER_FILES = "stats-*.safetensors"  # calib.resume names each layer's checkpoint so
@@ -48,6 +49,11 @@ class GptqStore:
 
     def close(self) -> None:
         self._files, self._where = [], {}
+
+    def __reduce__(self):
+        """Pickled by name (a Ray task): the receiving process opens the folder itself (convert.reopen)."""
+        folder = self.folder.resolve()
+        return reopened, ("gptq", GptqStore, sizes(sorted(folder.glob(LAYER_FILES))), str(folder), self.key)
 
     def records(self) -> list[dict]:
         """Every module's / expert's record, in layer order."""

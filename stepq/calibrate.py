@@ -39,7 +39,7 @@ def stats_path(model_dir: str | Path, out_root: str | Path = "out") -> Path:
 def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str | Path = "out", n: int | None = None,
               seq_len: int | None = None, seed: int = 0, all_experts: bool = False, force: bool = False, *,
               device: str | None = None, dtype: str | None = None, spill_bytes: int | None = None,
-              micro_batch_tokens: int | None = None, progress: bool = True) -> Path:
+              micro_batch_tokens: int | None = None, progress: bool = True, cluster=None) -> Path:
     """Write (or reuse) `<out_root>/<model>-calib/stats.safetensors`; returns its path. `device` (auto, cpu, cuda[:N])
     and `dtype` (bfloat16, float32) say where and in what precision the forward runs (calib.compute; defaults auto
     and bfloat16); `spill_bytes` and `micro_batch_tokens` default to `calib.stream`'s SPILL_BYTES and a micro-batch
@@ -49,7 +49,10 @@ def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str |
     `force` is off; otherwise it is recomputed and replaced atomically. Each finished layer is checkpointed
     (calib.resume): re-running after an interruption continues after the last finished layer, with the same result;
     `force` starts over. One run per output folder (`convert.lock`). On an error, finished layers are kept for the
-    resume (except on bad input); with none, a folder this run created is removed again."""
+    resume (except on bad input); with none, a folder this run created is removed again.
+
+    `cluster`: a connected ray module (convert.ray_executor.connect): each layer then runs as data-parallel shards
+    of the sequences on the cluster's workers (calib.distributed); the checkpoints and the output stay here."""
     from calib.compute import resolve
 
     model_dir = Path(model_dir)
@@ -73,7 +76,7 @@ def calibrate(model_dir: str | Path, dataset: str | None = None, out_root: str |
         checkpoints = LayerCheckpoints(partial)
         try:
             return _calibrate(model_dir, out, checkpoints, dataset, n, seq_len, seed, all_experts, force, compute,
-                              spill_bytes, micro_batch_tokens, progress)
+                              spill_bytes, micro_batch_tokens, progress, cluster, device or "auto")
         except BaseException as e:
             raise _failed(e, out, checkpoints, created)
 
@@ -108,7 +111,7 @@ def _failed(e: BaseException, out: Path, checkpoints: LayerCheckpoints, created:
 
 
 def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, dataset, n, seq_len, seed, all_experts,
-               force, compute, spill_bytes, micro_batch_tokens, progress) -> Path:
+               force, compute, spill_bytes, micro_batch_tokens, progress, cluster, device: str) -> Path:
     from calib.resume import run_key
     from calib.stream import SPILL_BYTES, micro_batch_tokens_for, stream_forward  # see calibrate()
 
@@ -122,13 +125,20 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         data = load_calibration(model_dir, dataset, n, seq_len, seed, images=True)
         t_data = time.time()
         collector = StatsCollector(ckpt.config, all_experts=all_experts)
-        checkpoints.open(run_key(source, data, all_experts, compute, spill_bytes, micro_batch_tokens),
-                         collector, force)
+        shards, executor = None, {"executor": "local"}
+        if cluster is not None:
+            from calib.distributed import RayShards
+
+            shards = RayShards(cluster, ckpt, device, compute.label["dtype"], all_experts,
+                               max(1, micro_batch_tokens // seq_len))
+            executor = shards.describe(n)
+        checkpoints.open(run_key(source, data, all_experts, compute, spill_bytes, micro_batch_tokens,
+                                 executor if shards else None), collector, force)
         # Spilled activations go to the checkpoint folder beside the output, not to /tmp (often RAM-backed tmpfs).
         res = stream_forward(ckpt, data.ids, collector, compute=compute, spill_bytes=spill_bytes,
                              micro_batch_tokens=micro_batch_tokens, tmp_dir=str(checkpoints.dir),
                              progress=progress and sys.stderr.isatty(),  # bars on terminals, not in logs
-                             checkpoints=checkpoints, images=data.images)
+                             checkpoints=checkpoints, images=data.images, shards=shards)
         tensors, summary = collector.result()
     finally:
         ckpt.close()
@@ -143,6 +153,7 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
         "stepq_version": stepq.__version__,
         "versions": versions("torch", "transformers"),
         "activations_on_disk": res.spilled,
+        "executor": executor,
         **({"images": {"count": len(data.images.images), "vision_runs": res.vision_runs,
                        "image_tokens": int((data.ids == data.images.image_token_id).sum())}} if data.images else {}),
         "timings": {"data_s": round(t_data - t0, 3), **{k: round(v, 3) for k, v in res.timings.items()},

@@ -41,8 +41,26 @@ def _cmd_calibrate(args) -> int:
     from stepq.calibrate import calibrate
 
     folder = resolve_model(args.model, args.revision)
-    print(calibrate(folder, out_root=args.out, force=args.force, **_calibration_settings(args)))
+    cluster = _cluster(args, folder)
+    print(calibrate(folder, out_root=args.out, force=args.force, cluster=cluster, **_calibration_settings(args)))
     return 0
+
+
+def _cluster(args, folder, also: list | None = None):
+    """`--executor ray`: join (or start) the cluster and check that every node sees the source (and `also`) before
+    anything is written -> the ray module; None for the local executor."""
+    from pathlib import Path
+
+    if args.executor != "ray":
+        if args.ray_address:
+            raise BadInput("--ray-address: applies to --executor ray")
+        return None
+    from convert.ray_executor import check_nodes_see, connect
+
+    ray = connect(args.ray_address)
+    folder = Path(folder)
+    check_nodes_see([folder / "config.json", *sorted(folder.glob("*.safetensors")), *(also or [])])
+    return ray
 
 
 # Flags that only mean something for GGUF, for the safetensors schemes, or when calibration statistics are used:
@@ -63,6 +81,8 @@ def _refuse(flags: list[str], why: str) -> None:
 
 
 def _cmd_quantize(args) -> int:
+    from pathlib import Path
+
     from calib.stats import CalibStats
     from convert.hub import resolve_model
     from convert.safetensors_export import load_recipe
@@ -82,15 +102,22 @@ def _cmd_quantize(args) -> int:
     folder = resolve_model(args.model, args.revision)
     if args.stats:  # a file the user named: refuse one computed from another model before any work
         CalibStats.load(args.stats).check_source(folder)
+    cluster = _cluster(args, folder, [Path(args.stats)] if args.stats else [])
+    executor = None
+    if cluster is not None:
+        from convert.ray_executor import RayExecutor
+
+        executor = RayExecutor()
     if args.scheme == "gguf":
         from convert.gguf_job import export_gguf
 
         imatrix = None
         if args.imatrix:
-            imatrix = CalibStats.load(args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args)))
+            imatrix = CalibStats.load(args.stats or calibrate(folder, out_root=args.out, cluster=cluster,
+                                                              **_calibration_settings(args)))
         out = export_gguf(folder, args.out, qtype=args.qtype or "Q4_K_M", mtp=not args.no_mtp, force=args.force,
                           max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision,
-                          imatrix=imatrix, mtp_only=args.mtp_only)
+                          imatrix=imatrix, mtp_only=args.mtp_only, executor=executor)
         if args.mtp_only:  # a draft-only file is not a release to eval on its own: keep pointing at the last one
             print(out)
         else:
@@ -99,11 +126,12 @@ def _cmd_quantize(args) -> int:
     stats = None
     if load_recipe(args.scheme, args.recipe).scheme in NEEDS_ACTIVATION_STATS or method != "rtn":
         # Reuses out/<model>-calib/stats.safetensors when source, dataset and settings match; else calibrates.
-        path = args.stats or calibrate(folder, out_root=args.out, **_calibration_settings(args))
+        path = args.stats or calibrate(folder, out_root=args.out, cluster=cluster, **_calibration_settings(args))
         stats = CalibStats.load(path)
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
                    max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
-                   method=method, allow_nonfinite=args.allow_nonfinite, device=args.device, dtype=args.dtype)
+                   method=method, allow_nonfinite=args.allow_nonfinite, device=args.device, dtype=args.dtype,
+                   executor=executor)
     _remember(out)
     return 0
 
@@ -194,6 +222,15 @@ def _add_calibration_args(s: argparse.ArgumentParser) -> None:
     _add_compute_args(g)
 
 
+def _add_executor_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("scale out (Ray: pip install -e '.[ray]')")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default): this process; ray: conversion pieces and calibration shards run as Ray "
+                        "tasks, same bytes, same resume. The source must be at the same path on every node")
+    g.add_argument("--ray-address", help="the cluster to join, host:port as `ray start --head` prints it (default: "
+                                         "RAY_ADDRESS; neither: start a local Ray on this machine)")
+
+
 def _add_compute_args(g) -> None:
     g.add_argument("--device", help="where the layer-streamed forward runs: auto (default: a CUDA GPU if there is "
                                     "one, else the CPU), cpu, cuda, cuda:N")
@@ -254,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision")
     s.add_argument("--force", action="store_true", help="recompute even when a matching statistics file exists")
     _add_calibration_args(s)
+    _add_executor_args(s)
     s.set_defaults(run=_cmd_calibrate)
 
     s = sub.add_parser("quantize", help="write one quantized variant")
@@ -283,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "importance; gptq: llm-compressor's GPTQ, layer by layer on the calibration data; "
                         "gptq+search (NVFP4): GPTQ on the searched scales. Same format for all")
     _add_calibration_args(s)
+    _add_executor_args(s)
     s.set_defaults(run=_cmd_quantize)
 
     s = sub.add_parser("verify", help="load artifacts with an engine's own loader (trunk and MTP drafter)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from convert.checkpoint import open_checkpoint
 from convert.config import model_name
 from convert.errors import BadInput
-from convert.executor import Executor, LocalExecutor
+from convert.executor import Executor, LocalExecutor, describe
 from convert.lock import OutputLock
 from convert.provenance import peak_rss_mib
 from convert.safetensors_export import (
@@ -105,6 +105,7 @@ def quantize(model: str | Path, scheme: str, out: str | Path, recipe_file: str |
             prov = provenance(ckpt, recipe, method, units, writer, hashes, source_id or str(model), revision,
                               {"plan_s": t_plan - t0, "convert_s": t_convert - t_plan})
             prov["added_tensors"] = {name: why for name, _, why in extras}
+            prov["executor"] = describe(executor)
             if stats is not None:
                 prov["calibration"] = {"statistics_sha256": stats.sha256, "settings": stats.meta,
                                        "activation_fallbacks": activation_fallbacks(units, stats)

@@ -97,3 +97,24 @@ def gguf_compare():
 def vision_reference():
     """tests/vision_reference.py: vLLM's Perception Encoder formula in plain torch (`perception_encoder`)."""
     return _test_helper("vision_reference")
+
+
+RAY_OBJECT_STORE_BYTES = 80 << 20  # per node: small, so results that outgrow it are spilled, as on a busy cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster started for the tests: a head without CPUs (nothing runs beside the driver) and two
+    1-CPU worker nodes, each its own raylet with a bounded object store. Stopped after the session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": RAY_OBJECT_STORE_BYTES, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=RAY_OBJECT_STORE_BYTES)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
