@@ -81,8 +81,11 @@ class RayShards:
                  cpus_per_task: int = 1):
         self.ray, self.ckpt, self.device, self.dtype = ray, ckpt, device, dtype
         self.all_experts, self.bsz, self.cpus = all_experts, bsz, cpus_per_task
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
-        self._remote = ray.remote(num_cpus=cpus_per_task, max_retries=MAX_RETRIES)(run_shard)
+        # a GPU per shard where the cluster has GPUs (Ray hides them from tasks that do not ask): not run on a GPU
+        resources = ray.cluster_resources()
+        self.gpus = 1 if device != "cpu" and resources.get("GPU", 0) >= 1 else 0
+        self.slots = int(resources["GPU"]) if self.gpus else max(1, int(resources.get("CPU", 1) // cpus_per_task))
+        self._remote = ray.remote(num_cpus=cpus_per_task, num_gpus=self.gpus, max_retries=MAX_RETRIES)(run_shard)
 
     def plan(self, n_seq: int) -> list[slice]:
         return shard_rows(n_seq, self.bsz, self.slots)
@@ -90,8 +93,12 @@ class RayShards:
     def run_layer(self, i: int, x, y, ids: torch.Tensor, observer: StatsCollector, bar) -> None:
         ray = self.ray
         parts = self.plan(x.shape[0])
-        refs = [self._remote.remote(self.ckpt, i, x[r].contiguous(), ids[r].contiguous(), self.device, self.dtype,
-                                    self.all_experts, self.bsz, self.cpus) for r in parts]
+        refs = []
+        for r in parts:  # each shard's rows into the object store in turn (spilled to disk there when large)
+            rows = ray.put(x[r].contiguous())
+            refs.append(self._remote.remote(self.ckpt, i, rows, ids[r].contiguous(), self.device, self.dtype,
+                                            self.all_experts, self.bsz, self.cpus))
+            del rows
         try:
             for r, ref in zip(parts, refs):  # in shard order: the merge order is fixed
                 state, out = get(ray, ref)
@@ -104,4 +111,5 @@ class RayShards:
                 ray.cancel(ref, force=False)
 
     def describe(self, n_seq: int) -> dict[str, Any]:
-        return {"executor": "ray", "shards": len(self.plan(n_seq)), "cpus_per_shard": self.cpus}
+        return {"executor": "ray", "shards": len(self.plan(n_seq)), "cpus_per_shard": self.cpus,
+                **({"gpus_per_shard": self.gpus} if self.gpus else {})}

@@ -229,3 +229,17 @@ def test_workers_that_cannot_see_the_source(ray_cluster, bundled_fixture, tmp_pa
     assert p.returncode == 2, p.stderr
     assert err[-1].startswith(f"stepq: error: {seen}/config.json: not readable on ") and "Ray node" in err[-1]
     assert not out.exists()
+
+
+def test_step37_image_calibration_on_ray_equals_local(ray_cluster, tmp_path):
+    """Image features are scattered into the embeddings on the driver; the shards then see the rows as a local run
+    does. Micro-batches of two sequences, so the 8 image samples make 4 of them and 2 shards."""
+    from convert.fixtures import STEP37_FIXTURE
+    from convert.ray_executor import connect
+    from stepq.calibrate import calibrate
+
+    data = STEP37_FIXTURE.parent / "tiny-step37-data" / "calib.jsonl"
+    settings = {"dataset": str(data), "micro_batch_tokens": 2 * 256, "progress": False}  # 256 tokens per sample
+    ours = calibrate(STEP37_FIXTURE, out_root=tmp_path / "ray", cluster=connect(ray_cluster.address), **settings)
+    reference = calibrate(STEP37_FIXTURE, out_root=tmp_path / "local", **settings)
+    _assert_same_statistics(ours, reference)
