@@ -100,7 +100,7 @@ class RayShards:
                                             self.all_experts, self.bsz, self.cpus))
             del rows
         try:
-            for r, ref in zip(parts, refs):  # in shard order: the merge order is fixed
+            for r, ref in zip(parts, refs, strict=True):  # in shard order: the merge order is fixed
                 state, out = get(ray, ref)
                 y[r] = out
                 observer.merge_state(state)

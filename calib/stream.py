@@ -388,26 +388,33 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
     order = [i for i in range(cfg.num_layers) if i > done]
     # With shards (calib.distributed) the workers build and run the layers; the driver only merges
     pipeline = LayerPipeline(ckpt, order if shards is None else [], compute, heads is not None)
+
+    def one_layer(i: int, t: int, desc: str, run_rows) -> None:
+        """Layer i over every row's t positions, on the shards or here (`run_rows(layer, prefix, x, y, bar)`); its
+        output becomes x."""
+        nonlocal x
+        t0 = time.time()
+        y = new(t, i)
+        if shards is not None:
+            with _Progress(n_seq * t, desc, progress) as bar:
+                shards.run_layer(i, x, y, ids, observer, bar)
+        else:
+            layer, prefix = pipeline.get(i)
+            res.timings[f"layer_{i}_wait_s"] = time.time() - t0
+
+            def run(note: str) -> None:
+                with _Progress(n_seq * t, desc + note, progress) as bar:
+                    run_rows(layer, prefix, x, y, bar)
+
+            _run_observed(observer, layer, prefix, i, run)
+            del layer, run
+        x = finish(i, x, y)
+        res.timings[f"layer_{i}_s"] = time.time() - t0
+
     try:
         for i in range(done + 1, cfg.num_trunk_layers):
-            t0 = time.time()
-            y = new(seq_len, i)
-            desc = f"layer {i + 1}/{cfg.num_layers}"
-            if shards is not None:
-                with _Progress(n_seq * seq_len, desc, progress) as bar:
-                    shards.run_layer(i, x, y, ids, observer, bar)
-            else:
-                layer, prefix = pipeline.get(i)
-                res.timings[f"layer_{i}_wait_s"] = time.time() - t0
-
-                def run(note: str, i=i, layer=layer, x=x, y=y, desc=desc) -> None:
-                    with _Progress(n_seq * seq_len, desc + note, progress) as bar:
-                        run_trunk_rows(fr, layer, i, x, y, bar)
-
-                _run_observed(observer, layer, prefix, i, run)
-                del layer, run
-            x = finish(i, x, y)
-            res.timings[f"layer_{i}_s"] = time.time() - t0
+            one_layer(i, seq_len, f"layer {i + 1}/{cfg.num_layers}",
+                      lambda layer, prefix, x, y, bar, i=i: run_trunk_rows(fr, layer, i, x, y, bar))
 
         # Final norm + lm_head: the head input is recorded; logits only for a sink. An earlier run that finished an
         # MTP layer has recorded the head inputs already (in that layer's checkpoint).
@@ -434,27 +441,10 @@ def stream_forward(ckpt: Checkpoint, ids: torch.Tensor, observer: Observer | Non
 
         # MTP depth k at position t sees tokens <= t+k (run_mtp_rows)
         for k, i in enumerate(cfg.mtp_layers, start=1):
-            if i <= done:
-                continue
-            t0 = time.time()
-            t = seq_len - k
-            y = new(t, i)
-            desc = f"layer {i + 1}/{cfg.num_layers} (MTP {k})"
-            if shards is not None:
-                with _Progress(n_seq * t, desc, progress) as bar:
-                    shards.run_layer(i, x, y, ids, observer, bar)
-            else:
-                layer, prefix = pipeline.get(i)
-                res.timings[f"layer_{i}_wait_s"] = time.time() - t0
-
-                def run(note: str, k=k, t=t, layer=layer, prefix=prefix, x=x, y=y, desc=desc) -> None:
-                    with _Progress(n_seq * t, desc + note, progress) as bar:
-                        run_mtp_rows(fr, layer, k, prefix, x, y, ids, observer, heads, bar)
-
-                _run_observed(observer, layer, prefix, i, run)
-                del layer, run
-            x = finish(i, x, y)
-            res.timings[f"layer_{i}_s"] = time.time() - t0
+            if i > done:
+                one_layer(i, seq_len - k, f"layer {i + 1}/{cfg.num_layers} (MTP {k})",
+                          lambda layer, prefix, x, y, bar, k=k: run_mtp_rows(fr, layer, k, prefix, x, y, ids,
+                                                                              observer, heads, bar))
     finally:
         pipeline.close()
     x.close()

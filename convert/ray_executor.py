@@ -95,7 +95,7 @@ def check_nodes_see(paths: list[Path]) -> None:
     see = ray.remote(num_cpus=0)(_see)
     refs = [see.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(expected)
             for n in nodes]
-    for node, problem in zip(nodes, ray.get(refs)):
+    for node, problem in zip(nodes, ray.get(refs), strict=True):
         if problem:
             raise BadInput(f"{problem} (Ray node {node.get('NodeManagerAddress', node['NodeID'])})")
 

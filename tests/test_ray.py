@@ -139,7 +139,7 @@ def test_worker_killed_mid_task_conversion_completes_byte_identical(ray_cluster,
     assert main([*cmd, "--out", str(tmp_path / "local")]) == 0
     # a conversion task takes milliseconds: poll without pause, and run again until a kill has landed mid-task
     with TaskKiller("_run_task", kills=2, gap_s=0.2) as killer:
-        for attempt in range(5):
+        for _ in range(5):
             assert main([*cmd, "--out", str(tmp_path / "ray"), "--force", *_ray(ray_cluster)]) == 0
             if killer.killed:
                 break
