@@ -127,7 +127,7 @@ class _Wire:
 
     def __init__(self, t):
         self.dtype, self.shape = str(t.dtype).removeprefix("torch."), tuple(t.shape)
-        self.data = t.contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+        self.data = t.contiguous().reshape(-1).view(torch.uint8).numpy()  # pickled as a copy of these bytes
 
     def tensor(self) -> torch.Tensor:
         """A view of the bytes as Ray handed them over (read-only: the object store's memory), never written to."""

@@ -128,6 +128,10 @@ def _cmd_quantize(args) -> int:
         # Reuses out/<model>-calib/stats.safetensors when source, dataset and settings match; else calibrates.
         path = args.stats or calibrate(folder, out_root=args.out, cluster=cluster, **_calibration_settings(args))
         stats = CalibStats.load(path)
+        if cluster is not None and not args.stats:  # computed here (OUT/<model>-calib/): the workers read it too
+            from convert.ray_executor import check_nodes_see
+
+            check_nodes_see([Path(path)])
     out = quantize(folder, args.scheme, args.out, recipe_file=args.recipe, force=args.force,
                    max_shard_bytes=args.max_shard_size, source_id=args.model, revision=args.revision, stats=stats,
                    method=method, allow_nonfinite=args.allow_nonfinite, device=args.device, dtype=args.dtype,
