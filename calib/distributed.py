@@ -11,7 +11,7 @@ reduction is the local run's. Maxima, token counts and expert loads merge exactl
 sums of the micro-batches' float32 sums: a local run adds them one at a time, a sharded one adds each shard's
 subtotal, which may round differently in the last float64 place (relative difference at most
 (micro-batches) x 2^-53); stored as float32, they differ by at most one unit in the last place, and on the fixture
-not at all (tests/test_ray_calibrate.py).
+not at all (tests/test_ray.py).
 
 A worker process killed mid-shard is retried by Ray from the same inputs; a killed driver resumes from its layer
 checkpoints like a local run.

@@ -131,7 +131,7 @@ def _calibrate(model_dir: Path, out: Path, checkpoints: LayerCheckpoints, datase
 
             shards = RayShards(cluster, ckpt, device, compute.label["dtype"], all_experts,
                                max(1, micro_batch_tokens // seq_len))
-            executor = shards.describe(n)
+            executor = shards.describe(data.ids.shape[0])
         checkpoints.open(run_key(source, data, all_experts, compute, spill_bytes, micro_batch_tokens,
                                  executor if shards else None), collector, force)
         # Spilled activations go to the checkpoint folder beside the output, not to /tmp (often RAM-backed tmpfs).
