@@ -29,7 +29,7 @@ from calib.layers import build_layer
 from calib.stats import StatsCollector
 from calib.stream import Frame, frame_for, run_mtp_rows, run_trunk_rows
 from convert.checkpoint import Checkpoint
-from convert.ray_executor import get
+from convert.ray_executor import get, use_threads
 
 MAX_RETRIES = 3
 
@@ -45,8 +45,7 @@ def run_shard(ckpt: Checkpoint, i: int, x: torch.Tensor, ids: torch.Tensor, devi
               all_experts: bool, bsz: int, threads: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """On a worker: layer `i` over the shard's rows x [n, T, H] (ids [n, L]: the MTP layers embed them) ->
     (the layer's raw accumulators, its output rows)."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     compute = resolve(device, dtype)
     fr: Frame = frame_for(ckpt, compute, ids.shape[1], bsz)
     layer, prefix = build_layer(ckpt, i, compute)
@@ -84,6 +83,8 @@ class RayShards:
         # a GPU per shard where the cluster has GPUs (Ray hides them from tasks that do not ask): not run on a GPU
         resources = ray.cluster_resources()
         self.gpus = 1 if device != "cpu" and resources.get("GPU", 0) >= 1 else 0
+        if self.gpus:
+            self.device = "cuda"  # the one GPU Ray gives the task is cuda:0 there, whatever --device named here
         self.slots = int(resources["GPU"]) if self.gpus else max(1, int(resources.get("CPU", 1) // cpus_per_task))
         self._remote = ray.remote(num_cpus=cpus_per_task, num_gpus=self.gpus, max_retries=MAX_RETRIES)(run_shard)
 
@@ -99,16 +100,17 @@ class RayShards:
             refs.append(self._remote.remote(self.ckpt, i, rows, ids[r].contiguous(), self.device, self.dtype,
                                             self.all_experts, self.bsz, self.cpus))
             del rows
-        try:
-            for r, ref in zip(parts, refs, strict=True):  # in shard order: the merge order is fixed
+        for k, (r, ref) in enumerate(zip(parts, refs, strict=True)):  # in shard order: the merge order is fixed
+            try:
                 state, out = get(ray, ref)
-                y[r] = out
-                observer.merge_state(state)
-                bar.update(out.shape[0] * out.shape[1])
-                del state, out
-        finally:
-            for ref in refs:
-                ray.cancel(ref, force=False)
+            except BaseException:
+                for rest in refs[k + 1:]:  # the layer failed: its other shards are not wanted
+                    ray.cancel(rest, force=False)
+                raise
+            y[r] = out
+            observer.merge_state(state)
+            bar.update(out.shape[0] * out.shape[1])
+            del state, out
 
     def describe(self, n_seq: int) -> dict[str, Any]:
         return {"executor": "ray", "shards": len(self.plan(n_seq)), "cpus_per_shard": self.cpus,

@@ -288,7 +288,7 @@ def run_trunk_rows(fr: Frame, layer: nn.Module, i: int, x, y, bar) -> None:
 
 
 def run_mtp_rows(fr: Frame, layer: nn.Module, k: int, prefix: str, x, y, ids: torch.Tensor, observer,
-                 heads: HeadSink | None, bar, first_row: int = 0) -> None:
+                 heads: HeadSink | None, bar) -> None:
     """MTP depth k over every row: at position t it sees tokens <= t+k, so its input is the previous hidden
     x[:, :L-k] and embed(ids[:, k:]); the head's input goes to the observer, its logits to `heads`."""
     n, t, dev = x.shape[0], ids.shape[1] - k, fr.compute.device
@@ -305,7 +305,7 @@ def run_mtp_rows(fr: Frame, layer: nn.Module, k: int, prefix: str, x, y, ids: to
             if observer:
                 observer.head_input(f"{prefix}transformer.shared_head.output", h)
             if heads is not None:
-                _heads(h, head.output.weight, fr.compute, first_row + b,
+                _heads(h, head.output.weight, fr.compute, b,
                        lambda row, start, logits: heads.mtp(k, row, start, logits))
         bar.update((r.stop - b) * t)
 

@@ -89,7 +89,7 @@ def check_nodes_see(paths: list[Path]) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     expected = sizes(paths)
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    nodes = cpu_nodes(ray)
     if not nodes:
         raise BadInput("--executor ray: the Ray cluster has no live node with CPUs")
     see = ray.remote(num_cpus=0)(_see)
@@ -98,6 +98,19 @@ def check_nodes_see(paths: list[Path]) -> None:
     for node, problem in zip(nodes, ray.get(refs), strict=True):
         if problem:
             raise BadInput(f"{problem} (Ray node {node.get('NodeManagerAddress', node['NodeID'])})")
+
+
+def cpu_nodes(ray) -> list[dict]:
+    """The cluster's live nodes that can run tasks."""
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+
+
+def use_threads(threads: int) -> None:
+    """On a worker: the kernels and torch ops on the CPUs Ray gave the task (the kernels' pool is sized once per
+    process from STEPQ_THREADS; Ray sets OMP_NUM_THREADS the same way)."""
+    os.environ.setdefault("STEPQ_THREADS", str(threads))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def get(ray, ref) -> Any:
@@ -112,11 +125,8 @@ def get(ray, ref) -> Any:
 
 
 def _run_task(task: Task, threads: int) -> Any:
-    """A task on a worker, its kernels and torch ops on the CPUs Ray gave it (the kernels' pool is sized once per
-    process from STEPQ_THREADS; Ray sets OMP_NUM_THREADS the same way)."""
-    os.environ.setdefault("STEPQ_THREADS", str(threads))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    """A task on a worker, on `threads` CPUs."""
+    use_threads(threads)
     return _pack(run_inline(task))
 
 
@@ -164,8 +174,7 @@ class RayExecutor:
         self._remote = self.ray.remote(num_cpus=cpus_per_task, max_retries=max_retries)(_run_task)
         cpus = self.ray.cluster_resources().get("CPU", 1)
         self.window = max(2, 2 * int(cpus // cpus_per_task))
-        nodes = sum(1 for n in self.ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-        self.label = {"executor": "ray", "nodes": nodes, "cpus": int(cpus), "cpus_per_task": cpus_per_task}
+        self.label = {"executor": "ray", "nodes": len(cpu_nodes(self.ray)), "cpus": int(cpus), "cpus_per_task": cpus_per_task}
 
     def map(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
         window: deque = deque()

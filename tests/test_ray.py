@@ -6,6 +6,7 @@ processes killed mid-task (Ray retries), drivers killed and resumed, and bad inp
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -37,8 +38,6 @@ def _ray(cluster) -> list[str]:
 
 
 def _stats(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    import json
-
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["stepq_calibration"])  # noqa: SIM118
 
@@ -86,8 +85,6 @@ def test_conversion_on_ray_is_byte_identical(ray_cluster, bundled_fixture, local
     assert main([*cmd, "--out", str(tmp_path / "ray"), *_ray(ray_cluster)]) == 0
     local, ray = _variant(tmp_path / "local"), _variant(tmp_path / "ray")
     assert soak.artifact_digest(ray) == soak.artifact_digest(local)
-    import json
-
     assert json.loads((ray / "stepq.json").read_text())["executor"] == {
         "executor": "ray", "nodes": 2, "cpus": 2, "cpus_per_task": 1}
 
